@@ -1,0 +1,188 @@
+"""The plan: pure functions from a validated sweep to the runs it asks for.
+
+Owns: batch arithmetic (per-worker batch, micro-batch, gradient accumulation,
+steps per epoch), the learning-rate scaling rules and the per-step schedule
+(warmup, then constant / step / cosine). Everything derived is computed here,
+never configured, and every impossible combination raises ``PlanError`` with
+the numbers in the message.
+
+Must not import: torch, ray, pandas.
+
+References: Goyal et al. 2017 (linear rule, eta = 0.1 * B / 256; gradual warmup from
+eta to k*eta over 5 epochs); Hoffer et al. 2017 (sqrt rule).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+Scaling = Literal["linear", "sqrt", "none"]
+
+
+class PlanError(ValueError):
+    """The sweep asks for something the arithmetic forbids (message names key and numbers)."""
+
+
+# --- batch arithmetic ----------------------------------------------------------------------
+
+def split_batch(global_batch_size: int, num_workers: int,
+                max_micro_batch_size: int | None = None) -> tuple[int, int, int]:
+    """(per_worker_batch_size, micro_batch_size, grad_accum_steps) for one global batch.
+
+    global = num_workers x per_worker; per_worker = grad_accum_steps x micro. Accumulation is
+    used only when the per-worker batch exceeds max_micro_batch_size, and then the per-worker
+    batch must be a multiple of it (as Ray's benchmark harness requires).
+    """
+    if global_batch_size % num_workers:
+        raise PlanError(f"global_batch_sizes: {global_batch_size} is not divisible by "
+                        f"num_workers {num_workers} ({global_batch_size} / {num_workers} = "
+                        f"{global_batch_size / num_workers:g})")
+    per_worker = global_batch_size // num_workers
+    if max_micro_batch_size is None or per_worker <= max_micro_batch_size:
+        return per_worker, per_worker, 1
+    if per_worker % max_micro_batch_size:
+        raise PlanError(f"global_batch_sizes: {global_batch_size} is not divisible by num_workers x "
+                        f"max_micro_batch_size = {num_workers} x {max_micro_batch_size} = "
+                        f"{num_workers * max_micro_batch_size}")
+    return per_worker, max_micro_batch_size, per_worker // max_micro_batch_size
+
+
+def steps_per_epoch(num_train: int, global_batch_size: int, num_workers: int = 1,
+                    grad_accum_steps: int = 1) -> int:
+    """Full batches, plus the final partial batch when it still gives every worker at least
+    one sample per micro-step (smaller remainders are dropped for that epoch)."""
+    full, remainder = divmod(num_train, global_batch_size)
+    return full + (1 if remainder >= num_workers * grad_accum_steps else 0)
+
+
+# --- learning rate -------------------------------------------------------------------------
+
+def scaled_lr(base_lr: float, base_batch_size: int, global_batch_size: int, scaling: Scaling) -> float:
+    """Peak LR for a global batch. linear: base x B/B0 (Goyal); sqrt: base x sqrt(B/B0); none: base."""
+    k = global_batch_size / base_batch_size
+    if scaling == "linear":
+        return base_lr * k
+    if scaling == "sqrt":
+        return base_lr * math.sqrt(k)
+    if scaling == "none":
+        return base_lr
+    raise PlanError(f"lr.scaling: unknown rule {scaling!r} (allowed: linear, sqrt, none)")
+
+
+def lr_at_step(step: int, *, start_lr: float, peak_lr: float, warmup_steps: int, total_steps: int,
+               schedule: str = "constant", steps_per_epoch: int = 1,
+               milestones_epochs: tuple[float, ...] = (), gamma: float = 0.1) -> float:
+    """LR for the optimizer step with 0-based index `step`.
+
+    Warmup (Goyal et al.): linear from start_lr at step 0 to peak_lr at step warmup_steps.
+    After warmup: constant; step (x gamma at each milestone epoch passed); cosine (from peak at
+    the end of warmup to 0 at total_steps).
+    """
+    if step < warmup_steps:
+        return start_lr + (peak_lr - start_lr) * step / warmup_steps
+    if schedule == "constant":
+        return peak_lr
+    if schedule == "step":
+        epoch = step / steps_per_epoch
+        return peak_lr * gamma ** sum(1 for m in milestones_epochs if epoch >= m)
+    if schedule == "cosine":
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return 0.5 * peak_lr * (1.0 + math.cos(math.pi * progress))
+    raise PlanError(f"lr.schedule: unknown schedule {schedule!r} (allowed: constant, step, cosine)")
+
+
+# --- the plan ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One run, fully derived. Written as run.json into the run folder."""
+
+    sweep: str
+    run_id: str
+    seed: int
+    workload: str
+    model: str
+    global_batch_size: int
+    num_workers: int
+    per_worker_batch_size: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    num_train: int
+    num_test: int
+    steps_per_epoch: int
+    epochs: int
+    total_steps: int
+    scaling: str
+    reference_lr: float  # base_lr of the config, at reference_batch_size
+    reference_batch_size: int
+    peak_lr: float
+    warmup_steps: int
+    warmup_epochs: float
+    schedule: str
+    milestones_epochs: tuple[float, ...]
+    gamma: float
+
+    def lr(self, step: int) -> float:
+        """The LR this run applies at optimizer step `step` (0-based)."""
+        return lr_at_step(step, start_lr=min(self.reference_lr, self.peak_lr), peak_lr=self.peak_lr,
+                          warmup_steps=self.warmup_steps, total_steps=self.total_steps,
+                          schedule=self.schedule, steps_per_epoch=self.steps_per_epoch,
+                          milestones_epochs=self.milestones_epochs, gamma=self.gamma)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["milestones_epochs"] = list(self.milestones_epochs)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunPlan":
+        d = dict(d)
+        d["milestones_epochs"] = tuple(d.get("milestones_epochs", ()))
+        return cls(**d)
+
+
+def run_id(global_batch_size: int, num_workers: int, seed: int) -> str:
+    return f"gbs{global_batch_size:06d}-w{num_workers:03d}-s{seed}"
+
+
+def plan_sweep(sweep, *, max_micro_batch_size: int | None = None) -> list[RunPlan]:
+    """All runs of a validated SweepConfig, ordered by worker count, then batch, then seed.
+
+    `max_micro_batch_size` overrides the sweep's (the memory probe's answer for 'auto').
+    """
+    num_train, num_test = sweep.dataset_sizes()
+    micro_cap = max_micro_batch_size
+    if micro_cap is None and isinstance(sweep.max_micro_batch_size, int):
+        micro_cap = sweep.max_micro_batch_size
+    lr = sweep.lr
+    runs: list[RunPlan] = []
+    for workers in sweep.num_workers:
+        for gbs in sweep.global_batch_sizes:
+            if gbs > num_train:
+                raise PlanError(f"global_batch_sizes: {gbs} is larger than the training set "
+                                f"({num_train} samples of workload {sweep.workload!r})")
+            per_worker, micro, accum = split_batch(gbs, workers, micro_cap)
+            spe = steps_per_epoch(num_train, gbs, workers, accum)
+            total = spe * sweep.epochs
+            if sweep.max_steps is not None:
+                total = min(total, sweep.max_steps)
+            warmup = lr.warmup_steps if lr.warmup_steps is not None else round(lr.warmup_epochs * spe)
+            if warmup > total:
+                raise PlanError(f"lr.warmup: {warmup} warmup steps exceed the {total} steps of the run "
+                                f"at global batch {gbs}")
+            peak = scaled_lr(lr.base_lr, lr.base_batch_size, gbs, lr.scaling)
+            for seed in sweep.seeds:
+                runs.append(RunPlan(
+                    sweep=sweep.name, run_id=run_id(gbs, workers, seed), seed=seed,
+                    workload=sweep.workload, model=sweep.model_name, global_batch_size=gbs,
+                    num_workers=workers, per_worker_batch_size=per_worker, micro_batch_size=micro,
+                    grad_accum_steps=accum, num_train=num_train, num_test=num_test,
+                    steps_per_epoch=spe, epochs=math.ceil(total / spe), total_steps=total,
+                    scaling=lr.scaling, reference_lr=lr.base_lr, reference_batch_size=lr.base_batch_size,
+                    peak_lr=peak, warmup_steps=warmup,
+                    warmup_epochs=warmup / spe, schedule=lr.schedule,
+                    milestones_epochs=tuple(lr.step_milestones_epochs), gamma=lr.step_gamma))
+    return runs

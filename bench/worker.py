@@ -1,0 +1,362 @@
+"""The worker loop: one data-parallel training run, read top to bottom.
+
+Owns: sharding an epoch across ranks, the training step (micro-batches, gradient
+accumulation with DDP ``no_sync``, LR applied per step), evaluation on the full
+train and test sets with metrics reduced across ranks, divergence and OOM
+detection, and the run's events and summary (rank 0 writes them).
+
+Must not import: ray (the launcher hands in a ``WorkerContext``; tests build one
+in-process), pandas. Time-to-accuracy is not computed here: analysis reads it
+from the events afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from bench import events as ev
+from bench import workloads
+from bench.models import build_model
+from bench.plan import RunPlan
+from bench.store import RunDir
+from bench.workloads.data import Data, epoch_permutation
+
+EVAL_CHUNK = 2048  # samples per forward pass at evaluation time
+
+
+@dataclass
+class WorkerContext:
+    """Where this process sits in the worker group (from Ray Train, or built by a test)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    node: str = field(default_factory=socket.gethostname)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+class Diverged(Exception):
+    pass
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _all_reduce_sum(t: torch.Tensor, ctx: WorkerContext) -> torch.Tensor:
+    if ctx.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def step_indices(perm: torch.Tensor, step: int, plan: RunPlan, rank: int) -> tuple[torch.Tensor, int]:
+    """This rank's sample indices for one optimizer step, and the step's global sample count.
+    The step takes the next global batch of the epoch's permutation (the last one may be
+    partial); rank r takes every world_size-th index, so ranks differ by at most one sample."""
+    start = step * plan.global_batch_size
+    batch = perm[start:start + plan.global_batch_size]
+    return batch[rank::plan.num_workers], int(batch.numel())
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: WorkerContext,
+             autocast: Callable[[], Any]) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) over the whole set; each rank scores its strided share
+    and one all-reduce combines them: a single host read per evaluation."""
+    model.eval()
+    idx = torch.arange(ctx.rank, y.shape[0], ctx.world_size, device=y.device)
+    totals = torch.zeros(3, dtype=torch.float64, device=y.device)  # correct, loss sum, count
+    for chunk in idx.split(EVAL_CHUNK):
+        with autocast():
+            logits = model(x[chunk])
+        totals[0] += (logits.argmax(1) == y[chunk]).sum()
+        totals[1] += F.cross_entropy(logits.float(), y[chunk], reduction="sum")
+        totals[2] += chunk.numel()
+    correct, loss_sum, count = _all_reduce_sum(totals, ctx).tolist()
+    model.train()
+    return correct / count, loss_sum / count
+
+
+class Trainer:
+    """State of one run on one rank. `run()` is the whole algorithm."""
+
+    def __init__(self, plan: RunPlan, sweep, run_dir: RunDir, ctx: WorkerContext,
+                 data: Data | None = None) -> None:
+        self.plan, self.sweep, self.run_dir, self.ctx = plan, sweep, run_dir, ctx
+        self.device = ctx.device
+        torch.manual_seed(plan.seed)  # same initial weights on every rank and at every batch size
+        loaded = data if data is not None else workloads.load(plan.workload, sweep.options, plan.seed)
+        self.data = loaded.to(self.device)
+        memory_format = torch.channels_last if sweep.channels_last and self.data.x_train.dim() == 4 \
+            else torch.contiguous_format
+        if memory_format is torch.channels_last:
+            self.data.x_train = self.data.x_train.contiguous(memory_format=memory_format)
+            self.data.x_test = self.data.x_test.contiguous(memory_format=memory_format)
+        model = build_model(plan.model, tuple(self.data.x_train.shape[1:]), self.data.num_classes)
+        model = model.to(self.device, memory_format=memory_format)
+        self.raw_model = model
+        if ctx.distributed:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.model = torch.compile(model) if sweep.compile else model
+        from bench.optim import build_optimizer
+
+        self.optimizer = build_optimizer(sweep.optimizer, self.raw_model, plan.lr(0))
+        self.label_smoothing = sweep.label_smoothing
+        use_bf16 = sweep.precision == "bf16"
+        self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        self.log = ev.EventLog(run_dir.events_path, mode="w") if ctx.rank == 0 else None
+        self.step = 0
+        self.samples_seen = 0
+        self.train_time_s = 0.0
+        self.eval_time_s = 0.0
+        self.t_start = time.perf_counter()
+        self.initial_loss: float | None = None
+        self.metrics: dict[str, float] = {}
+        self.best_test_acc = -1.0
+        self.epoch_times: list[tuple[float, int]] = []  # (seconds, samples) per epoch
+
+    # --- events (rank 0 only) ------------------------------------------------------------
+    def emit(self, key: str, value: Any = None, **metadata: Any) -> None:
+        if self.log is not None:
+            self.log.log(key, value, metadata=metadata)
+
+    def emit_interval(self, key: str, event_type: str, **metadata: Any) -> None:
+        if self.log is not None:
+            self.log.log(key, None, event_type=event_type, metadata=metadata)
+
+    def _position(self, epoch: int) -> dict[str, Any]:
+        return {"epoch_num": epoch, "step": self.step, "samples_count": self.samples_seen,
+                "train_time_s": round(self.train_time_s, 6),
+                "elapsed_s": round(time.perf_counter() - self.t_start, 6)}
+
+    def log_hyperparameters(self) -> None:
+        p, opt = self.plan, self.sweep.optimizer
+        for key, value in [
+            (ev.SEED, p.seed), (ev.GLOBAL_BATCH_SIZE, p.global_batch_size), (ev.NUM_WORKERS, p.num_workers),
+            (ev.PER_WORKER_BATCH_SIZE, p.per_worker_batch_size), (ev.MICRO_BATCH_SIZE, p.micro_batch_size),
+            (ev.GRADIENT_ACCUMULATION_STEPS, p.grad_accum_steps), (ev.OPT_NAME, opt.name),
+            (ev.LR_SCALING_RULE, p.scaling), (ev.REFERENCE_LEARNING_RATE, p.reference_lr),
+            (ev.REFERENCE_BATCH_SIZE, p.reference_batch_size), (ev.OPT_BASE_LEARNING_RATE, p.peak_lr),
+            (ev.OPT_LEARNING_RATE_WARMUP_EPOCHS, p.warmup_epochs),
+            (ev.OPT_LEARNING_RATE_WARMUP_STEPS, p.warmup_steps), (ev.OPT_WEIGHT_DECAY, opt.weight_decay),
+            (ev.TRAIN_SAMPLES, p.num_train), (ev.EVAL_SAMPLES, p.num_test),
+            (ev.STEPS_PER_EPOCH, p.steps_per_epoch),
+        ]:
+            self.emit(key, value)
+
+    # --- evaluation ------------------------------------------------------------------------
+    def run_eval(self, epoch: int) -> None:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.emit_interval(ev.EVAL_START, ev.INTERVAL_START, epoch_num=epoch)
+        d = self.data
+        train_acc, train_loss = evaluate(self.model, d.x_train, d.y_train, self.ctx, self.autocast)
+        test_acc, test_loss = evaluate(self.model, d.x_test, d.y_test, self.ctx, self.autocast)
+        pos = self._position(epoch)
+        for key, value in ((ev.TRAIN_ACCURACY, train_acc), (ev.TRAIN_LOSS, train_loss),
+                           (ev.EVAL_ACCURACY, test_acc), (ev.EVAL_LOSS, test_loss)):
+            self.emit(key, value, **pos)
+        self.emit_interval(ev.EVAL_STOP, ev.INTERVAL_END, epoch_num=epoch)
+        self.metrics = {"train_acc": train_acc, "train_loss": train_loss,
+                        "test_acc": test_acc, "test_loss": test_loss}
+        self.best_test_acc = max(self.best_test_acc, test_acc)
+        if self.initial_loss is None:
+            self.initial_loss = train_loss
+        limit = self.sweep.divergence_loss_factor * self.initial_loss
+        if not math.isfinite(train_loss) or train_loss > limit:
+            raise Diverged(f"training loss {train_loss:.4g} after step {self.step} "
+                           f"(initial {self.initial_loss:.4g}, limit {limit:.4g})")
+        self.eval_time_s += time.perf_counter() - t0
+
+    # --- training ----------------------------------------------------------------------------
+    def train_step(self, perm: torch.Tensor, step_in_epoch: int) -> torch.Tensor:
+        """One optimizer step over one global batch. Returns the summed loss on the device
+        (no host synchronisation here)."""
+        p = self.plan
+        lr = p.lr(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        local, num_global = step_indices(perm, step_in_epoch, p, self.ctx.rank)
+        # Sum-reduced loss scaled by world/num_global: after DDP's mean over ranks the gradient
+        # is exactly the mean over the global batch, even for a partial last batch.
+        scale = p.num_workers / num_global
+        loss_sum = torch.zeros((), device=self.device)
+        micro_batches = local.tensor_split(p.grad_accum_steps)
+        for i, idx in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not self.ctx.distributed else self.model.no_sync()
+            x = self.data.x_train[idx]
+            if self.data.augment == "crop_flip":
+                from bench.augment import random_crop_flip
+
+                x = random_crop_flip(x)
+            with sync:
+                with self.autocast():
+                    logits = self.model(x)
+                loss = F.cross_entropy(logits.float(), self.data.y_train[idx], reduction="sum",
+                                       label_smoothing=self.label_smoothing)
+                (loss * scale).backward()
+            loss_sum += loss.detach()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.step < p.warmup_steps or self.step < p.steps_per_epoch or step_in_epoch == 0:
+            self.emit(ev.OPT_LEARNING_RATE, lr, step=self.step)
+        self.step += 1
+        self.samples_seen += num_global
+        return loss_sum
+
+    def train_epoch(self, epoch: int) -> None:
+        p = self.plan
+        self.emit_interval(ev.EPOCH_START, ev.INTERVAL_START, epoch_num=epoch)
+        perm = epoch_permutation(p.num_train, p.seed, epoch).to(self.device, non_blocking=True)
+        steps = min(p.steps_per_epoch, p.total_steps - self.step)
+        samples_before = self.samples_seen
+        _sync(self.device)
+        t0 = time.perf_counter()
+        for s in range(steps):
+            self.train_step(perm, s)
+        _sync(self.device)
+        seconds = time.perf_counter() - t0
+        self.train_time_s += seconds
+        self.epoch_times.append((seconds, self.samples_seen - samples_before))
+        self.emit_interval(ev.EPOCH_STOP, ev.INTERVAL_END, epoch_num=epoch, step=self.step,
+                           epoch_train_time_s=round(seconds, 6),
+                           epoch_samples=self.samples_seen - samples_before)
+        if self.device.type == "cuda":
+            self.emit(ev.TORCH_MEMORY, None, epoch_num=epoch,
+                      max_allocated_gib=torch.cuda.max_memory_allocated(self.device) / 2**30,
+                      max_reserved_gib=torch.cuda.max_memory_reserved(self.device) / 2**30)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def run(self) -> dict:
+        p = self.plan
+        self.emit_interval(ev.RUN_START, ev.INTERVAL_START)
+        self.log_hyperparameters()
+        status, failure = "success", None
+        epoch = 0
+        try:
+            self.run_eval(0)
+            while self.step < p.total_steps:
+                epoch += 1
+                self.train_epoch(epoch)
+                if epoch % self.sweep.eval_every_epochs == 0 or self.step >= p.total_steps:
+                    self.run_eval(epoch)
+        except Diverged as err:
+            status, failure = "diverged", {"reason": str(err), "step": self.step, "epoch_num": epoch}
+        except torch.cuda.OutOfMemoryError as err:
+            status = "oom"
+            failure = {"reason": str(err).splitlines()[0], "step": self.step, "epoch_num": epoch,
+                       "micro_batch_size": p.micro_batch_size,
+                       "memory_reserved_gib": torch.cuda.memory_reserved(self.device) / 2**30}
+            self.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        self.emit_interval(ev.RUN_STOP, ev.INTERVAL_END, status=status, step=self.step, epoch_num=epoch,
+                           **({"reason": failure["reason"]} if failure else {}))
+        return self.summary(status, failure, epoch)
+
+    def summary(self, status: str, failure: dict | None, epoch: int) -> dict:
+        p, m = self.plan, self.metrics
+        timed = self.epoch_times[1:] or self.epoch_times  # first epoch is warm-up for throughput
+        seconds = sum(t for t, _ in timed)
+        on_cuda = self.device.type == "cuda"
+        return {
+            "run_id": p.run_id, "sweep": p.sweep, "status": status, "failure": failure,
+            "global_batch_size": p.global_batch_size, "num_workers": p.num_workers,
+            "per_worker_batch_size": p.per_worker_batch_size, "micro_batch_size": p.micro_batch_size,
+            "grad_accum_steps": p.grad_accum_steps, "seed": p.seed, "peak_lr": p.peak_lr,
+            "epochs_completed": epoch if status == "success" else max(0, epoch - 1),
+            "steps_completed": self.step, "samples_seen": self.samples_seen,
+            "final_train_acc": m.get("train_acc"), "final_test_acc": m.get("test_acc"),
+            "final_train_loss": _finite(m.get("train_loss")), "final_test_loss": _finite(m.get("test_loss")),
+            "best_test_acc": self.best_test_acc if self.best_test_acc >= 0 else None,
+            "train_time_s": self.train_time_s, "eval_time_s": self.eval_time_s,
+            "wall_time_s": time.perf_counter() - self.t_start,
+            "samples_per_s": sum(n for _, n in timed) / seconds if seconds > 0 else None,
+            "target_accuracy": self.sweep.target_accuracy,
+            "torch_peak_reserved_gib": torch.cuda.max_memory_reserved(self.device) / 2**30 if on_cuda else None,
+            "torch_peak_allocated_gib": torch.cuda.max_memory_allocated(self.device) / 2**30 if on_cuda else None,
+            "telemetry": None,
+        }
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is None or math.isfinite(x) else None
+
+
+def worker_environment(ctx: WorkerContext) -> dict:
+    """What rank 0 ran on: written as worker_env.json."""
+    env: dict[str, Any] = {
+        "hostname": ctx.node, "torch": torch.__version__, "device": str(ctx.device),
+        "world_size": ctx.world_size, "backend": dist.get_backend() if ctx.distributed else None,
+        "torch_num_threads": torch.get_num_threads(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+    if ctx.device.type == "cuda":
+        props = torch.cuda.get_device_properties(ctx.device)
+        env.update(gpu_model=props.name, gpu_memory_gib=props.total_memory / 2**30,
+                   gpu_uuid="GPU-" + str(props.uuid), cuda=torch.version.cuda,
+                   cudnn=torch.backends.cudnn.version())
+        with contextlib.suppress(Exception):
+            import pynvml
+
+            pynvml.nvmlInit()
+            env["driver"] = pynvml.nvmlSystemGetDriverVersion()
+            pynvml.nvmlShutdown()
+    return env
+
+
+def _gather_objects(obj: Any, ctx: WorkerContext) -> list[Any]:
+    if not ctx.distributed:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def execute_run(plan: RunPlan, sweep, run_dir: RunDir, ctx: WorkerContext, *, data: Data | None = None) -> dict:
+    """Train one planned run on this rank, with telemetry; rank 0 writes the summary last."""
+    from bench.telemetry import Sampler, merge_summaries
+
+    gpu_ids = None
+    if ctx.device.type == "cuda":
+        gpu_ids = ["GPU-" + str(torch.cuda.get_device_properties(ctx.device).uuid)]
+    sampler = Sampler(run_dir.telemetry_path(ctx.rank), run_id=plan.run_id, rank=ctx.rank,
+                      hz=sweep.telemetry.hz, node=ctx.node, gpu_ids=gpu_ids) \
+        if sweep.telemetry.enabled else None
+    trainer = None
+    try:
+        if sampler:
+            sampler.start()
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        trainer = Trainer(plan, sweep, run_dir, ctx, data)
+        summary = trainer.run()
+    finally:
+        telemetry = sampler.stop() if sampler else None
+        if trainer is not None:
+            trainer.close()
+    telemetry_all = _gather_objects(telemetry, ctx)
+    if ctx.rank == 0:
+        summary["telemetry"] = merge_summaries([t for t in telemetry_all if t]) if sampler else None
+        run_dir.write_json("worker_env.json", worker_environment(ctx))
+        run_dir.write_summary(summary)
+    return summary
