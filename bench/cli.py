@@ -105,9 +105,9 @@ def _runs_frame(paths: Sequence[str]):
 def cmd_results(args: argparse.Namespace) -> int:
     df = _runs_frame(args.paths)
     if not args.all_columns:
-        from bench.analysis import RESULT_COLUMNS
+        from bench.analysis import RUN_COLUMNS
 
-        df = df[list(RESULT_COLUMNS)]
+        df = df[list(RUN_COLUMNS)]
     if args.format == "csv":
         df.to_csv(sys.stdout, index=False)
     elif args.format == "json":

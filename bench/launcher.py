@@ -63,15 +63,22 @@ def check_reachable(address: str, timeout_s: float) -> None:
                             "(`ray status` there), and is the address in the cluster file right?") from None
 
 
+_STARTED_HERE = False  # shut down only the Ray connection this process opened
+
+
 def connect(cluster: ClusterConfig, max_workers: int) -> None:
+    global _STARTED_HERE
     import ray
 
-    if ray.is_initialized():
+    remote = bool(cluster.address) and cluster.address != "auto"
+    if remote:
+        check_reachable(cluster.address, cluster.connect_timeout_s)
+    if ray.is_initialized():  # e.g. a test session's Ray, or a caller's own ray.init()
         return
+    _STARTED_HERE = True
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     common = dict(log_to_driver=False, configure_logging=True, logging_level="WARNING")
-    if cluster.address and cluster.address != "auto":
-        check_reachable(cluster.address, cluster.connect_timeout_s)
+    if cluster.address:
         ray.init(address=cluster.address, **common)
         return
     cpus_per_worker = float(cluster.resources_per_worker.get("CPU", 1))
@@ -85,10 +92,13 @@ def connect(cluster: ClusterConfig, max_workers: int) -> None:
 
 
 def shutdown() -> None:
+    global _STARTED_HERE
+    if not _STARTED_HERE:
+        return
     import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
+    ray.shutdown()
+    _STARTED_HERE = False
 
 
 # --- the worker group's loop (runs inside each Ray Train worker) ----------------------------

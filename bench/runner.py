@@ -36,10 +36,14 @@ def run_sweep(sweep: SweepConfig, cluster: ClusterConfig, results_root: Path, *,
     t0 = time.perf_counter()
     plans = plans if plans is not None else plan_sweep(sweep)
     sweep_dir = SweepDir(Path(results_root) / sweep.name)
-    sweep_dir.claim(sweep.name, sweep.config_hash())  # refuses unwritable / foreign folders before Ray
+    sweep_dir.verify(sweep.config_hash())  # unwritable or foreign folder: refused, nothing written
+    pending = [p for p in plans if not sweep_dir.run(p.run_id).is_complete()]
+    if pending:  # an unreachable cluster fails here, before anything is written
+        launcher.connect(cluster, max(p.num_workers for p in pending))
+    sweep_dir.claim(sweep.name, sweep.config_hash())
     sweep_dir.lock()
     try:
-        pending = [p for p in plans if not sweep_dir.run(p.run_id).is_complete()]
+        pending = [p for p in plans if not sweep_dir.run(p.run_id).is_complete()]  # under the lock
         skipped = len(plans) - len(pending)
         say(f"sweep {sweep.name}: {len(plans)} runs planned, {skipped} already complete, "
             f"{len(pending)} to run -> {sweep_dir.path}")
@@ -52,7 +56,6 @@ def run_sweep(sweep: SweepConfig, cluster: ClusterConfig, results_root: Path, *,
             for plan in pending:
                 sweep_dir.run(plan.run_id).prepare(config=config, cluster=cluster_dict,
                                                    run_plan=plan.to_dict(), env=env)
-            launcher.connect(cluster, max(p.num_workers for p in pending))
             tails = [(p.run_id, sweep_dir.run(p.run_id).events_path, p.epochs) for p in pending]
 
             def on_group(g: launcher.GroupStart) -> None:

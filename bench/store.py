@@ -205,6 +205,30 @@ class SweepDir:
                 if p.is_dir() and not p.name.startswith(".") and (p / RUN_PLAN).exists()]
 
     # --- ownership and locking ------------------------------------------------------------
+    def verify(self, config_hash: str) -> None:
+        """Read-only checks before anything starts: the folder (or its nearest existing parent)
+        is writable, and it is not owned by a different configuration."""
+        existing = self.path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise StoreError(f"results folder {self.path} is not writable ({existing} is not a writable folder)")
+        self._check_owner(config_hash)
+
+    def _check_owner(self, config_hash: str) -> None:
+        mark = self.path / SWEEP_MARK
+        if not mark.exists():
+            return
+        try:
+            owner = _read_json(mark)
+        except ValueError:
+            owner = {}
+        if owner.get("config_hash") != config_hash:
+            raise StoreError(
+                f"{self.path} holds results of a different configuration of sweep "
+                f"{owner.get('sweep', '?')!r}; use another --results-dir (or delete that folder) "
+                "so that complete runs are not mixed with new ones")
+
     def claim(self, sweep_name: str, config_hash: str) -> None:
         """Create the folder (or accept it) for this sweep config. A folder made by a different
         config is refused: its complete runs would otherwise be silently reused."""
@@ -215,19 +239,9 @@ class SweepDir:
             probe.unlink()
         except OSError as err:
             raise StoreError(f"results folder {self.path} is not writable: {err.strerror or err}") from None
-        mark = self.path / SWEEP_MARK
-        if mark.exists():
-            try:
-                owner = _read_json(mark)
-            except ValueError:
-                owner = {}
-            if owner.get("config_hash") != config_hash:
-                raise StoreError(
-                    f"{self.path} holds results of a different configuration of sweep "
-                    f"{owner.get('sweep', '?')!r}; use another --results-dir (or delete that folder) "
-                    "so that complete runs are not mixed with new ones")
-        else:
-            atomic_write_json(mark, {"sweep": sweep_name, "config_hash": config_hash})
+        self._check_owner(config_hash)
+        if not (self.path / SWEEP_MARK).exists():
+            atomic_write_json(self.path / SWEEP_MARK, {"sweep": sweep_name, "config_hash": config_hash})
 
     def lock(self) -> None:
         """Exclusive, non-blocking lock for the lifetime of this process (released on exit)."""
