@@ -32,8 +32,18 @@ class UserError(Exception):
         self.code = code
 
 
+def _one_line(msg: str) -> str:
+    """Messages quote user input, which may hold line breaks or control characters."""
+    flat = " ".join(str(msg).split())
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in flat)
+
+
 def _err(msg: str) -> None:
-    print(f"batchscale: error: {msg}", file=sys.stderr, flush=True)
+    print(f"batchscale: error: {_one_line(msg)}", file=sys.stderr, flush=True)
+
+
+def _warn(msg: str) -> None:
+    print(f"batchscale: warning: {_one_line(msg)}", file=sys.stderr, flush=True)
 
 
 def _load(args: argparse.Namespace):
@@ -96,7 +106,7 @@ def _runs_frame(paths: Sequence[str]):
         except StoreError as err:
             raise UserError(str(err)) from None
     for w in caught:
-        _err(f"warning: {w.message}")
+        _warn(str(w.message))
     if not records:
         raise UserError(f"no runs found under {', '.join(paths)}", EXIT_FAILED)
     return analysis.runs_frame(records)
@@ -164,13 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title")
     p.set_defaults(func=cmd_report)
 
-    for name, register in _EXTRA_COMMANDS:
+    for register in _extra_commands():
         register(sub)
     return parser
 
 
-# Later commands (submit, check, plan, probe-memory, ...) register here: (name, add_parser fn).
-_EXTRA_COMMANDS: list[tuple[str, Callable[[argparse._SubParsersAction], None]]] = []
+# submit / check / compare (bench.submission) and plan (bench.planner) add their own parsers.
+def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    from bench import planner, submission
+
+    return [submission.register, planner.register]
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

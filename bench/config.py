@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+import math
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,7 +38,7 @@ class OptimizerConfig(_Strict):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
-    betas: tuple[float, float] = (0.9, 0.999)  # adamw / lamb
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0.0, le=1.0)
     trust_coefficient: float = Field(0.001, gt=0.0, le=1.0)  # lars
     exclude_bias_and_norm: bool = True  # no weight decay / trust ratio on biases and norm layers
@@ -56,7 +57,7 @@ class LRConfig(_Strict):
     @field_validator("step_milestones_epochs")
     @classmethod
     def _ascending(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        if list(v) != sorted(v) or any(m <= 0 for m in v):
+        if not all(0 < m < math.inf for m in v) or list(v) != sorted(v):
             raise ValueError("milestones must be positive and ascending")
         return v
 
@@ -182,7 +183,7 @@ class ClusterConfig(_Strict):
     @field_validator("resources_per_worker")
     @classmethod
     def _resources(cls, v: dict[str, float]) -> dict[str, float]:
-        if any(q < 0 or q > 1_000_000 for q in v.values()):
+        if not all(0 <= q <= 1_000_000 for q in v.values()):  # also refuses NaN
             raise ValueError("resource amounts must be in 0..1000000")
         return v
 

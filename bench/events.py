@@ -98,9 +98,20 @@ def _jsonable(value: Any) -> Any:
 class EventLog:
     """Append-only event writer. Each line is flushed as written, so a crash loses at most one line."""
 
-    def __init__(self, path: Path | str, *, mode: str = "a") -> None:
+    def __init__(self, path: Path | str, *, mode: str = "a", truncate_at: int | None = None) -> None:
+        """`truncate_at`: resume an existing log, dropping every byte after that offset (the
+        events written after the checkpoint being resumed from)."""
         self.path = Path(path)
+        if truncate_at is not None:
+            with open(self.path, "r+b") as fh:
+                fh.truncate(truncate_at)
+            mode = "a"
         self._fh: IO[str] = open(self.path, mode, encoding="utf-8", buffering=1)
+
+    def tell(self) -> int:
+        """Bytes written so far (every line is flushed as written)."""
+        self._fh.flush()
+        return self.path.stat().st_size
 
     def log(self, key: str, value: Any = None, **kw: Any) -> dict[str, Any]:
         event = make_event(key, value, **kw)

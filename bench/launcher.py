@@ -14,6 +14,7 @@ Ray is imported inside functions so that ``import bench.launcher`` stays cheap.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -78,6 +79,14 @@ def connect(cluster: ClusterConfig, max_workers: int) -> None:
     _STARTED_HERE = True
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     common = dict(log_to_driver=False, configure_logging=True, logging_level="WARNING")
+    sigterm = signal.getsignal(signal.SIGTERM)  # ray.init replaces it; the CLI's clean stop needs it
+    try:
+        _init(ray, cluster, max_workers, common)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+
+
+def _init(ray: Any, cluster: ClusterConfig, max_workers: int, common: dict) -> None:
     if cluster.address:
         ray.init(address=cluster.address, **common)
         return
@@ -118,6 +127,10 @@ def _group_loop(config: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
+    ctx.checkpoint_every_epochs = config["checkpoint_every_epochs"]
+    ctx.save_checkpoint = _save_checkpoint
+    ctx.fault = config.get("fault")
+    restored = _load_checkpoint()
     sweep = SweepConfig.model_validate(config["sweep"])
     sweep_dir = SweepDir(config["sweep_dir"])
     plans = [RunPlan.from_dict(d) for d in config["plans"]]
@@ -130,8 +143,42 @@ def _group_loop(config: dict) -> dict:
     statuses = {}
     for plan in plans:
         if plan.run_id in todo:
-            statuses[plan.run_id] = execute_run(plan, sweep, sweep_dir.run(plan.run_id), ctx)["status"]
+            resume = restored if restored and restored["run_id"] == plan.run_id else None
+            statuses[plan.run_id] = execute_run(plan, sweep, sweep_dir.run(plan.run_id), ctx,
+                                                restored=resume)["status"]
     return {"loop_entered_unix_s": entered, "statuses": statuses}
+
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def _save_checkpoint(run_id: str, state: dict | None) -> None:
+    """Every rank calls this (ray.train.report is a barrier); rank 0 passes the state.
+    Checkpoints are the only thing that goes through report(): every few epochs at most."""
+    import tempfile
+
+    import torch
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="batchscale-ckpt-") as tmp:
+        checkpoint = None
+        if state is not None:
+            torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"run_id": run_id, "epoch": state["epoch"] if state else None}, checkpoint=checkpoint)
+
+
+def _load_checkpoint() -> dict | None:
+    """The state to resume from after a worker-group restart (None on a first start)."""
+    import torch
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        # weights_only: a checkpoint on shared storage must not be able to run code in the workers.
+        return torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=True, map_location="cpu")
 
 
 # --- driver side ----------------------------------------------------------------------------
@@ -142,6 +189,14 @@ def run_groups(sweep: SweepConfig, cluster: ClusterConfig, sweep_dir: SweepDir, 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    class _Trainer(TorchTrainer):
+        """Ray Train's fit() installs its own SIGINT handler that aborts and exits with code 1;
+        batchscale handles Ctrl-C itself (one line, exit 130, the run left incomplete).
+        `_register_sigint_handler` is private to Ray Train (2.60); without it, this is a no-op."""
+
+        def _register_sigint_handler(self, controller: Any) -> None:
+            return None
+
     report = LaunchReport()
     by_workers: dict[int, list[RunPlan]] = {}
     for plan in plans:
@@ -151,7 +206,7 @@ def run_groups(sweep: SweepConfig, cluster: ClusterConfig, sweep_dir: SweepDir, 
     if cluster.use_gpu:
         resources.setdefault("GPU", 1)
     for num_workers, group in sorted(by_workers.items()):
-        trainer = TorchTrainer(
+        trainer = _Trainer(
             _group_loop,
             train_loop_config={
                 "sweep": sweep.model_dump(mode="json"),
@@ -159,6 +214,8 @@ def run_groups(sweep: SweepConfig, cluster: ClusterConfig, sweep_dir: SweepDir, 
                 "sweep_dir": str(sweep_dir.path.resolve()),
                 "use_gpu": cluster.use_gpu,
                 "cpus_per_worker": resources.get("CPU", 1),
+                "checkpoint_every_epochs": cluster.checkpoint_every_epochs,
+                "fault": os.environ.get("BATCHSCALE_FAULT"),  # "RUN_ID:EPOCH", for fault-injection tests
             },
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=cluster.use_gpu,
                                          resources_per_worker=resources),

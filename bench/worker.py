@@ -43,6 +43,11 @@ class WorkerContext:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     node: str = field(default_factory=socket.gethostname)
+    # Checkpoints: the launcher provides save (all ranks call it; it is a barrier under Ray)
+    # and, after a worker-group restart, the state to resume this run from.
+    save_checkpoint: Callable[[str, dict | None], None] | None = None
+    checkpoint_every_epochs: int = 0
+    fault: str | None = None  # "RUN_ID:EPOCH": kill one worker after that epoch (fault-injection tests)
 
     @property
     def distributed(self) -> bool:
@@ -96,7 +101,7 @@ class Trainer:
     """State of one run on one rank. `run()` is the whole algorithm."""
 
     def __init__(self, plan: RunPlan, sweep, run_dir: RunDir, ctx: WorkerContext,
-                 data: Data | None = None) -> None:
+                 data: Data | None = None, restored: dict | None = None) -> None:
         self.plan, self.sweep, self.run_dir, self.ctx = plan, sweep, run_dir, ctx
         self.device = ctx.device
         torch.manual_seed(plan.seed)  # same initial weights on every rank and at every batch size
@@ -120,7 +125,11 @@ class Trainer:
         self.label_smoothing = sweep.label_smoothing
         use_bf16 = sweep.precision == "bf16"
         self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
-        self.log = ev.EventLog(run_dir.events_path, mode="w") if ctx.rank == 0 else None
+        self.restored = restored
+        self.log = None
+        if ctx.rank == 0:
+            offset = restored["events_offset"] if restored else None
+            self.log = ev.EventLog(run_dir.events_path, mode="w", truncate_at=offset)
         self.step = 0
         self.samples_seen = 0
         self.train_time_s = 0.0
@@ -130,6 +139,7 @@ class Trainer:
         self.metrics: dict[str, float] = {}
         self.best_test_acc = -1.0
         self.epoch_times: list[tuple[float, int]] = []  # (seconds, samples) per epoch
+        self.noise_ema = None  # bench.noise.NoiseScaleEMA once the first probe step runs
 
     # --- events (rank 0 only) ------------------------------------------------------------
     def emit(self, key: str, value: Any = None, **metadata: Any) -> None:
@@ -193,6 +203,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         local, num_global = step_indices(perm, step_in_epoch, p, self.ctx.rank)
+        probe = self.noise_probe(num_global)
         # Sum-reduced loss scaled by world/num_global: after DDP's mean over ranks the gradient
         # is exactly the mean over the global batch, even for a partial last batch.
         scale = p.num_workers / num_global
@@ -200,7 +211,10 @@ class Trainer:
         micro_batches = local.tensor_split(p.grad_accum_steps)
         for i, idx in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or not self.ctx.distributed else self.model.no_sync()
+            # Non-final micro-steps skip DDP's all-reduce; a noise-scale probe step skips it on
+            # every micro-step and all-reduces once itself, after reading the local gradients.
+            no_sync = self.ctx.distributed and (not last or probe is not None)
+            sync = self.model.no_sync() if no_sync else contextlib.nullcontext()
             x = self.data.x_train[idx]
             if self.data.augment == "crop_flip":
                 from bench.augment import random_crop_flip
@@ -213,13 +227,38 @@ class Trainer:
                                        label_smoothing=self.label_smoothing)
                 (loss * scale).backward()
             loss_sum += loss.detach()
+            if probe is not None:
+                probe.after_micro_backward()
+        sample = probe.finish() if probe is not None else None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if sample is not None:
+            self.log_noise_scale(sample)
         if self.step < p.warmup_steps or self.step < p.steps_per_epoch or step_in_epoch == 0:
             self.emit(ev.OPT_LEARNING_RATE, lr, step=self.step)
         self.step += 1
         self.samples_seen += num_global
         return loss_sum
+
+    # --- gradient noise scale (McCandlish et al. 2018, appendix A) ------------------------------
+    def noise_probe(self, num_global: int):
+        """A probe on every `noise_scale_every_steps`-th full step, when there are two batch sizes
+        to compare (several workers, or gradient accumulation); None otherwise."""
+        from bench import noise
+
+        p, every = self.plan, self.sweep.noise_scale_every_steps
+        if (not every or self.step % every or num_global != p.global_batch_size
+                or noise.probe_batch_sizes(p.micro_batch_size, p.grad_accum_steps, p.num_workers) is None):
+            return None
+        if self.noise_ema is None:
+            self.noise_ema = noise.NoiseScaleEMA()
+        return noise.GradNoiseProbe(self.raw_model.parameters(), p.micro_batch_size,
+                                    p.grad_accum_steps, p.num_workers)
+
+    def log_noise_scale(self, sample) -> None:
+        small, big = sample.read()  # the one host sync of a probe step
+        b_simple = self.noise_ema.update(small, big, sample.b_small, sample.b_big)
+        self.emit(ev.GRADIENT_NOISE_SCALE, b_simple, step=self.step, **self.noise_ema.metadata())
 
     def train_epoch(self, epoch: int) -> None:
         p = self.plan
@@ -246,17 +285,22 @@ class Trainer:
 
     def run(self) -> dict:
         p = self.plan
-        self.emit_interval(ev.RUN_START, ev.INTERVAL_START)
-        self.log_hyperparameters()
         status, failure = "success", None
-        epoch = 0
+        if self.restored:
+            epoch = self.load_state(self.restored)
+        else:
+            self.emit_interval(ev.RUN_START, ev.INTERVAL_START)
+            self.log_hyperparameters()
+            epoch = 0
         try:
-            self.run_eval(0)
+            if not self.restored:
+                self.run_eval(0)
             while self.step < p.total_steps:
                 epoch += 1
                 self.train_epoch(epoch)
                 if epoch % self.sweep.eval_every_epochs == 0 or self.step >= p.total_steps:
                     self.run_eval(epoch)
+                self.maybe_checkpoint(epoch)
         except Diverged as err:
             status, failure = "diverged", {"reason": str(err), "step": self.step, "epoch_num": epoch}
         except torch.cuda.OutOfMemoryError as err:
@@ -269,6 +313,41 @@ class Trainer:
         self.emit_interval(ev.RUN_STOP, ev.INTERVAL_END, status=status, step=self.step, epoch_num=epoch,
                            **({"reason": failure["reason"]} if failure else {}))
         return self.summary(status, failure, epoch)
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def state(self, epoch: int) -> dict:
+        return {
+            "run_id": self.plan.run_id, "epoch": epoch, "step": self.step,
+            "samples_seen": self.samples_seen, "train_time_s": self.train_time_s,
+            "eval_time_s": self.eval_time_s, "elapsed_s": time.perf_counter() - self.t_start,
+            "initial_loss": self.initial_loss, "metrics": self.metrics, "best_test_acc": self.best_test_acc,
+            "epoch_times": self.epoch_times, "events_offset": self.log.tell() if self.log else None,
+            "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state(self, state: dict) -> int:
+        """Continue where the checkpoint left off: same weights, optimizer state, step (hence
+        LR schedule) and epoch (hence data order, which depends only on seed and epoch)."""
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name in ("step", "samples_seen", "train_time_s", "eval_time_s", "initial_loss",
+                     "metrics", "best_test_acc"):
+            setattr(self, name, state[name])
+        self.epoch_times = [tuple(t) for t in state["epoch_times"]]
+        self.t_start = time.perf_counter() - state["elapsed_s"]
+        return int(state["epoch"])
+
+    def maybe_checkpoint(self, epoch: int) -> None:
+        every = self.ctx.checkpoint_every_epochs
+        if self.ctx.save_checkpoint and every and epoch % every == 0 and self.step < self.plan.total_steps:
+            self.ctx.save_checkpoint(self.plan.run_id, self.state(epoch) if self.ctx.rank == 0 else None)
+        if (self.ctx.fault == f"{self.plan.run_id}:{epoch}" and not self.restored
+                and self.ctx.rank == self.ctx.world_size - 1):
+            # Ray Train V2 registers a reported checkpoint when its controller next polls the
+            # workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default); wait past that so
+            # the test exercises "resume from the last checkpoint", then die without cleanup.
+            time.sleep(2.5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
+            os._exit(17)
 
     def summary(self, status: str, failure: dict | None, epoch: int) -> dict:
         p, m = self.plan, self.metrics
@@ -332,11 +411,12 @@ def _gather_objects(obj: Any, ctx: WorkerContext) -> list[Any]:
     return out
 
 
-def execute_run(plan: RunPlan, sweep, run_dir: RunDir, ctx: WorkerContext, *, data: Data | None = None) -> dict:
+def execute_run(plan: RunPlan, sweep, run_dir: RunDir, ctx: WorkerContext, *, data: Data | None = None,
+                restored: dict | None = None) -> dict:
     """Train one planned run on this rank, with telemetry; rank 0 writes the summary last."""
     from bench.telemetry import Sampler, merge_summaries
 
-    gpu_ids = None
+    gpu_ids: list[str] = []  # a CPU run samples no GPU, even on a GPU node
     if ctx.device.type == "cuda":
         gpu_ids = ["GPU-" + str(torch.cuda.get_device_properties(ctx.device).uuid)]
     sampler = Sampler(run_dir.telemetry_path(ctx.rank), run_id=plan.run_id, rank=ctx.rank,
@@ -348,7 +428,7 @@ def execute_run(plan: RunPlan, sweep, run_dir: RunDir, ctx: WorkerContext, *, da
             sampler.start()
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
-        trainer = Trainer(plan, sweep, run_dir, ctx, data)
+        trainer = Trainer(plan, sweep, run_dir, ctx, data, restored)
         summary = trainer.run()
     finally:
         telemetry = sampler.stop() if sampler else None

@@ -76,6 +76,19 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path):
     assert b["final_test_acc"] == pytest.approx(a["final_test_acc"], abs=0.004)
 
 
+def test_noise_scale_probe_is_logged_and_leaves_training_unchanged(tmp_path: Path):
+    # One worker: the micro-batches of gradient accumulation are the small batches.
+    base = dict(global_batch_sizes=[100], max_micro_batch_size=25)
+    off = run_one(tmp_path / "off", sweep_of(**base))[2]
+    plan, run_dir, on = run_one(tmp_path / "on", sweep_of(**base, noise_scale_every_steps=2))
+    assert on["final_train_loss"] == pytest.approx(off["final_train_loss"], rel=1e-5)
+    gns = [e for e in ev.read_events(run_dir.events_path) if e["key"] == ev.GRADIENT_NOISE_SCALE]
+    assert len(gns) == plan.total_steps // 2
+    last = gns[-1]
+    assert last["metadata"]["b_small"] == 25 and last["metadata"]["b_big"] == 100
+    assert last["value"] is not None and last["value"] > 0
+
+
 def test_divergence_is_a_result(tmp_path: Path):
     sweep = sweep_of(lr=dict(base_lr=50.0, base_batch_size=50, scaling="none"), divergence_loss_factor=3)
     _, run_dir, summary = run_one(tmp_path, sweep)

@@ -77,3 +77,6 @@ register(WorkloadInfo(
     description="scikit-learn's shipped 8x8 handwritten digits (1797 images), stratified fixed split",
     options=DigitsOptions, default_model="mlp", models=("mlp", "small_cnn"), num_classes=10,
     sizes=_digits_sizes, loader="bench.workloads.tabular:load_digits"))
+
+
+from bench.workloads import vision_catalog  # noqa: E402,F401  (registers cifar, imagenet, shapes, synthetic)

@@ -1,0 +1,21 @@
+"""`python -m bench.perf telemetry-overhead [args]`: dispatch to a benchmark script."""
+
+from __future__ import annotations
+
+import sys
+
+SCRIPTS = {"telemetry-overhead": "bench.perf.telemetry_overhead"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in SCRIPTS:
+        print(f"usage: python -m bench.perf {{{','.join(SCRIPTS)}}} [args]", file=sys.stderr)
+        return 2
+    import importlib
+
+    return importlib.import_module(SCRIPTS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,221 @@
+"""bench.report: a synthetic results folder -> one self-contained HTML page, opened in a real
+headless browser when /usr/bin/chromium and websocket-client are installed."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import resource
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from bench.report import write_report
+from bench.store import RunSkipped
+from fixtures_results import write_sweep
+
+EVIL = '<script>alert("x")</script>'
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory) -> Path:
+    """8 runs x 40 epochs, one diverged and one incomplete, batch 256 never reaches 0.80."""
+    root = tmp_path_factory.mktemp("results")
+    return write_sweep(root, "demo", batches=(4, 16, 64, 256), seeds=(0, 1), epochs=40,
+                       description=f"blobs sweep {EVIL}", failures={16: "diverged", 64: "incomplete"})
+
+
+@pytest.fixture(scope="module")
+def report(sweep_dir, tmp_path_factory) -> tuple[Path, str]:
+    out = write_report([sweep_dir], tmp_path_factory.mktemp("reports") / "demo.html")
+    return out, out.read_text(encoding="utf-8")
+
+
+def _external_refs(page: str) -> list[str]:
+    refs = re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]+)""", page, flags=re.I)
+    return [r for r in refs if not r.startswith("data:")]
+
+
+def test_report_is_self_contained(report):
+    out, page = report
+    assert out.is_file() and page.startswith("<!DOCTYPE html>")
+    for needle in ("http://", "https://", 'src="//', "<link", "@import", "url("):
+        assert needle not in page, needle
+    assert _external_refs(page) == []
+    assert page.count("<script") == 1  # the inline table sorter, nothing else
+    images = re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) >= 7
+    assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+    assert out.stat().st_size < 5 * 2**20
+
+
+def test_header_and_tables_come_from_the_data(report):
+    _, page = report
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page and EVIL not in page
+    for text in ("blobs", "mlp", "linear", "test-cluster", "abc1234", "2.60.0", "0.8"):
+        assert f"<td>{text}</td>" in page, text
+    assert "<td>unknown</td>" in page  # driver and GPU model of a CPU run are not guessed
+    assert "diverged in a synthetic run" in page and "no summary.json" in page  # failed runs listed
+    # computed captions: batch 64 needs 200 steps (25 epochs of 8), batch 4 needs 1750 -> 8.75x
+    assert "Batch 64 reached 0.80 test accuracy in 25 epochs, 8.8x fewer steps than batch 4" in page
+    assert "batch 256 never reached it" in page
+    assert "no GPU telemetry (CPU run)" in page
+    assert "could not be drawn" not in page
+
+
+def test_escapes_names_and_reasons(tmp_path):
+    """A sweep folder name and a failure reason are text from disk: they must never become markup."""
+    write_sweep(tmp_path, 'sw<b onmouseover="x">$a$', batches=(4, 16), seeds=(0,), epochs=20,
+                description=EVIL, failures={16: "oom"})
+    write_sweep(tmp_path, "plain", batches=(4, 16), seeds=(0,), epochs=20)  # two sweeps: names go into plots
+    page = write_report([tmp_path], tmp_path / "r.html", title=f"title {EVIL}").read_text()
+    assert "<b onmouseover" not in page and "&lt;b onmouseover=&quot;x&quot;&gt;$a$" in page
+    assert EVIL not in page and page.count("<script") == 1
+    assert "could not be drawn" not in page  # '$' in a name is not taken for maths by matplotlib
+
+
+def test_nothing_reached_and_several_sweeps(tmp_path):
+    a = write_sweep(tmp_path / "a", "cluster-a", batches=(4, 64), seeds=(0,), epochs=10, target=0.99)
+    b = write_sweep(tmp_path / "b", "cluster-b", batches=(4, 64), seeds=(0,), epochs=10, target=0.99,
+                    telemetry_kind="gpu", worker_env={"torch": "2.11", "gpu_model": "NVIDIA H100", "driver": "580.1"})
+    page = write_report([a, b], tmp_path / "r.html").read_text()
+    assert "cluster-a" in page and "cluster-b" in page
+    assert page.count("Not shown: No run reached the target accuracy") == 2  # steps and time figures
+    assert "<td>NVIDIA H100</td>" in page and "<td>580.1</td>" in page
+    assert "could not be drawn" not in page
+
+
+def test_target_override_empty_and_corrupt(tmp_path):
+    small = write_sweep(tmp_path, "small", batches=(4, 256), seeds=(0, 1), epochs=20)
+    (small / "gbs000004-w001-s0" / "events.jsonl").write_text('{"key": "x"}\nnot json\n{"key": "y"}\n')
+    with pytest.warns(RunSkipped):
+        page = write_report([small], tmp_path / "r.html", target_accuracy=0.5).read_text()
+    assert "overridden to 0.5" in page and "never reached it" not in page
+    assert "gbs000004-w001-s1" in page and "gbs000004-w001-s0" not in page  # the corrupt run is skipped
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "No runs were found" in write_report([empty], tmp_path / "e.html").read_text()
+
+
+def test_eight_runs_of_200_epochs_in_under_10_s(tmp_path):
+    """As the CLI runs it: a fresh process, imports included. CPU time is what is asserted, since
+    the wall time on a shared 2-core machine depends on the neighbours."""
+    small = write_sweep(tmp_path, "eight", batches=(4, 16, 64, 256), seeds=(0, 1), epochs=200)
+    code = ("import sys; from pathlib import Path; from bench.report import write_report; "
+            "write_report([Path(sys.argv[1])], Path(sys.argv[2]))")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "-c", code, str(small), str(tmp_path / "eight.html")], check=True,
+                   cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert cpu_s < 10.0, f"report generation took {cpu_s:.1f} s of CPU"
+    assert (tmp_path / "eight.html").is_file()
+
+
+def test_hundred_runs_under_5_mb(tmp_path):
+    big = write_sweep(tmp_path, "hundred", batches=(4, 8, 16, 32, 64, 96, 128, 192, 256, 500),
+                      seeds=tuple(range(10)), epochs=12, s_min=10)
+    page = write_report([big], tmp_path / "hundred.html").read_text()
+    assert len(page.encode()) < 5 * 2**20
+    assert page.count("<img ") == 8 and "Not shown" not in page  # every figure drawn
+
+
+# --- the page in a real browser ------------------------------------------------------------
+
+class _DevTools:
+    """The few Chrome DevTools Protocol calls this test needs, over websocket-client."""
+
+    def __init__(self, ws_url: str) -> None:
+        import websocket
+
+        self.ws = websocket.create_connection(ws_url, timeout=60, suppress_origin=True)
+        self.events: list[dict] = []
+        self.next_id = 0
+
+    def call(self, method: str, **params) -> dict:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == self.next_id:
+                assert "error" not in msg, msg
+                return msg.get("result", {})
+            self.events.append(msg)
+
+    def wait_for(self, method: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not any(e.get("method") == method for e in self.events):
+            assert time.monotonic() < deadline, f"no {method} within {timeout_s} s"
+            self.events.append(json.loads(self.ws.recv()))
+
+    def evaluate(self, expression: str):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+
+def _start_chromium(profile: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-extensions", "--hide-scrollbars", f"--user-data-dir={profile}",
+         "--remote-debugging-port=0", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port_file = profile / "DevToolsActivePort"
+    deadline = time.monotonic() + 60
+    while not (port_file.is_file() and port_file.read_text().strip()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("chromium did not start (no DevToolsActivePort)")
+        time.sleep(0.1)
+    port = port_file.read_text().split()[0]
+    targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=30).read())
+    page = next(t for t in targets if t.get("type") == "page")
+    return proc, page["webSocketDebuggerUrl"]
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium not installed")
+def test_report_in_headless_chromium(report, tmp_path):
+    pytest.importorskip("websocket", reason="websocket-client not installed (test extra)")
+    out, _ = report
+    proc, ws_url = _start_chromium(tmp_path / "profile")
+    try:
+        cdp = _DevTools(ws_url)
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            cdp.call(f"{domain}.enable")
+        cdp.call("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1, mobile=False)
+        url = out.resolve().as_uri()
+        cdp.call("Page.navigate", url=url)
+        cdp.wait_for("Page.loadEventFired")
+        images = cdp.evaluate("Array.from(document.images).map(i => [i.naturalWidth, i.naturalHeight, "
+                              "i.getBoundingClientRect().width, i.getBoundingClientRect().height])")
+        # the sorter works: one click sorts the batch column ascending, a second descending
+        sort = ("(() => { const t = document.querySelector('table.sortable'), th = t.tHead.rows[0].cells[1];"
+                " const col = () => Array.from(t.tBodies[0].rows).map(r => +r.cells[1].dataset.v);"
+                " th.click(); const a = col(); th.click(); return [a, col()]; })()")
+        ascending, descending = cdp.evaluate(sort)
+        height = cdp.evaluate("document.documentElement.scrollHeight")
+        cdp.call("Emulation.setDeviceMetricsOverride", width=1280, height=int(height), deviceScaleFactor=1,
+                 mobile=False)
+        shot = cdp.call("Page.captureScreenshot", format="png")["data"]
+        events = list(cdp.events)
+        cdp.ws.close()
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "report.png").write_bytes(base64.b64decode(shot))
+
+    requests = [e["params"]["request"]["url"] for e in events if e.get("method") == "Network.requestWillBeSent"]
+    assert [u for u in requests if u != url and not u.startswith("data:")] == []
+    errors = [e for e in events if e.get("method") == "Runtime.exceptionThrown"
+              or (e.get("method") == "Runtime.consoleAPICalled" and e["params"].get("type") == "error")
+              or (e.get("method") == "Log.entryAdded" and e["params"]["entry"].get("level") == "error")]
+    assert errors == []
+    assert len(images) >= 7 and all(w > 0 and h > 0 and bw > 0 and bh > 0 for w, h, bw, bh in images)
+    assert ascending == sorted(ascending) and descending == sorted(descending, reverse=True)
