@@ -259,7 +259,8 @@ def _choose(result: PlanResult) -> None:
 
 def _describe(row: dict, price: float | None) -> str:
     cost = f", {row['cost']:.4g} per run at {price:g}/GPU-h" if price is not None else ""
-    nodes = f" ({row['num_nodes']:.0f} node{'s' * (row['num_nodes'] > 1)})" if row.get("num_nodes") else ""
+    n = row.get("num_nodes")
+    nodes = f" ({n:.0f} node{'s' * (n > 1)})" if n is not None and math.isfinite(n) and n > 0 else ""
     return (f"global batch {row['global_batch_size']} on {row['num_gpus']} GPU(s){nodes}: "
             f"{row['time_to_target_s']:.4g} s to target, {row['gpu_hours']:.4g} GPU-h{cost} "
             f"[{_label(row)}]")

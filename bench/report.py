@@ -69,6 +69,7 @@ def build_figures(records: list[RunRecord], runs: pd.DataFrame, speed: pd.DataFr
         ("memory", "Memory", lambda: rf.fig_memory(runs, style)),
         ("telemetry", "Telemetry", lambda: rf.fig_telemetry(an.telemetry_frame(records), style)),
         ("lr", "Learning-rate schedule", lambda: rf.fig_lr(an.lr_frame(records), style)),
+        ("capacity", "Capacity plan: time to target against GPUs", lambda: _capacity_figure(runs)),
     ]
     out = []
     with matplotlib.rc_context(rf.RC):
@@ -80,6 +81,21 @@ def build_figures(records: list[RunRecord], runs: pd.DataFrame, speed: pd.DataFr
                 why = f"This figure could not be drawn ({type(err).__name__}: {err})."
                 out.append(rf.FigureResult(key, name, None, why))
     return out
+
+
+def _capacity_figure(runs: pd.DataFrame) -> rf.FigureResult:
+    """bench.planner on these runs, at each sweep's target: the same numbers `batchscale plan` prints."""
+    from bench import planner
+
+    title = "Capacity plan: time to target against GPUs"
+    if runs["sweep"].nunique() != 1:
+        return rf.FigureResult("capacity", title, None, "capacity planning is per sweep; run `batchscale plan` on one")
+    target = float(runs["target_accuracy"].dropna().iloc[0])
+    result = planner.plan_capacity(runs, target_accuracy=target)
+    if result.table is None or not len(result.table):
+        return rf.FigureResult("capacity", title, None, result.recommendation or "nothing to plan from")
+    return rf.FigureResult("capacity", title, planner.plan_figure(result),
+                           f"At target {target:g}: {result.recommendation} Hollow markers are extrapolated.")
 
 
 def _png(fig) -> tuple[str, int, int]:

@@ -124,7 +124,7 @@ def test_hundred_runs_under_5_mb(tmp_path):
                       seeds=tuple(range(10)), epochs=12, s_min=10)
     page = write_report([big], tmp_path / "hundred.html").read_text()
     assert len(page.encode()) < 5 * 2**20
-    assert page.count("<img ") == 8 and "Not shown" not in page  # every figure drawn
+    assert page.count("<img ") == 9 and "Not shown" not in page  # every figure drawn, capacity plan included
 
 
 # --- the page in a real browser ------------------------------------------------------------
