@@ -1,10 +1,14 @@
-"""`python -m bench.perf telemetry-overhead [args]`: dispatch to a benchmark script."""
+"""`python -m bench.perf NAME [args]`: dispatch to a benchmark script."""
 
 from __future__ import annotations
 
 import sys
 
-SCRIPTS = {"telemetry-overhead": "bench.perf.telemetry_overhead"}
+SCRIPTS = {
+    "telemetry-overhead": "bench.perf.telemetry_overhead",  # sampler off / 10 Hz / 50 Hz
+    "overhead": "bench.perf.overhead",  # plain PyTorch loop vs batchscale under Ray Train, A B A B
+    "throughput": "bench.perf.throughput",  # samples/s and TFLOP/s across per-GPU batch sizes
+}
 
 
 def main(argv: list[str] | None = None) -> int:

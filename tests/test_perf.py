@@ -1,0 +1,73 @@
+"""The speed scripts on CPU with tiny sizes: output format, not performance."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from bench.perf import overhead, throughput
+
+TINY = ["--device", "cpu", "--model", "small_cnn", "--image-size", "16"]
+
+
+def test_throughput_table_on_cpu(tmp_path: Path, capsys):
+    out_json, out_csv = tmp_path / "t.json", tmp_path / "t.csv"
+    code = throughput.main([*TINY, "--min-batch-size", "4", "--max-batch-size", "16", "--steps", "2",
+                            "--warmup-steps", "1", "--json", str(out_json), "--csv", str(out_csv)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "TFLOP/s" in text and "best: batch" in text
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [r["batch_size"] for r in rows] == [4, 8, 16]
+    assert all(r["status"] == "ok" for r in rows)
+    assert all(r["samples_per_s"] > 0 and r["step_ms"] > 0 and r["tflops"] > 0 for r in rows)
+    assert all(r["peak_allocated_gib"] is None for r in rows)  # no CUDA memory on CPU
+    # FLOPs of forward + backward are linear in the batch for a conv net.
+    flops = [r["gflop_per_step"] for r in rows]
+    assert flops[1] == pytest.approx(2 * flops[0]) and flops[2] == pytest.approx(4 * flops[0])
+    table = list(csv.DictReader(out_csv.open()))
+    assert list(table[0]) == list(throughput.COLUMNS)
+    batches = [int(r["batch_size"]) for r in table]
+    assert batches == sorted(batches) == [4, 8, 16]
+    assert all(float(r["tflops"]) > 0 for r in table)
+
+
+def test_throughput_refuses_bad_range(capsys):
+    with pytest.raises(SystemExit):
+        throughput.main([*TINY, "--min-batch-size", "64", "--max-batch-size", "32"])
+    assert "below --min-batch-size" in capsys.readouterr().err
+
+
+def test_overhead_presets_and_side_b_config():
+    args = overhead.parse_args(["--device", "cpu", "--preset", "resnet50-224-256", "--steps", "3"])
+    assert (args.model, args.image_size, args.micro_batch_size, args.steps) == ("resnet50", 224, 256, 3)
+    # Side B trains exactly `steps` steps per epoch for 2 epochs, as side A's warm-up + timed block.
+    params = {"device": "cpu", "model": "small_cnn", "image_size": 16, "micro_batch_size": 8, "steps": 5,
+              "threads": 1, "telemetry": True}
+    from bench.plan import plan_sweep
+
+    (plan,) = plan_sweep(overhead.sweep_for(params, "x"))
+    assert (plan.steps_per_epoch, plan.total_steps, plan.micro_batch_size, plan.grad_accum_steps) == (5, 10, 8, 1)
+    # The presets fit the synthetic workload's size limit.
+    for preset in overhead.PRESETS.values():
+        overhead.sweep_for({**params, **preset, "device": "cuda"}, "x")
+
+
+@pytest.mark.slow
+def test_overhead_one_pair_on_cpu(ray_session, tmp_path: Path, capsys):
+    out_json = tmp_path / "o.json"
+    code = overhead.main([*TINY, "--micro-batch-size", "8", "--steps", "3", "--pairs", "1",
+                          "--json", str(out_json)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^pair 1/1: A [\d.]+ samples/s, B [\d.]+ samples/s, B/A [\d.]+", text, re.M)
+    assert re.search(r"^ratio B/A: median [\d.]+ min [\d.]+ max [\d.]+ over 1 pair\(s\)$", text, re.M)
+    result = json.loads(out_json.read_text())
+    (pair,) = result["pairs"]
+    assert pair["plain"]["samples"] == pair["batchscale"]["samples"] == 3 * 8  # same work counted
+    assert pair["ratio"] == pytest.approx(pair["batchscale"]["samples_per_s"] / pair["plain"]["samples_per_s"])
+    assert result["ratio"]["median"] == pytest.approx(pair["ratio"]) and result["interleaved"] is True
