@@ -53,12 +53,25 @@ def _load(args: argparse.Namespace):
             cluster, cluster_path = load_cluster(args.cluster)
         else:
             cluster, cluster_path = default_cluster()
-        plans = plan_sweep(sweep)
+        plans = plan_sweep(sweep, max_micro_batch_size=_auto_micro_batch(sweep, args))
     except PlanError as err:
         raise UserError(f"{locals().get('sweep_path', args.sweep)}: {err}") from None
     except ConfigError as err:
         raise UserError(str(err)) from None
     return sweep, sweep_path, cluster, cluster_path, plans
+
+
+def _auto_micro_batch(sweep, args: argparse.Namespace) -> int | None:
+    """`max_micro_batch_size: auto` reads the memory probe's answer for this sweep's setup."""
+    if sweep.max_micro_batch_size != "auto":
+        return None
+    from bench.memprobe import ProbeMismatch, micro_batch_for_auto
+
+    try:
+        micro, _path = micro_batch_for_auto(sweep, Path(getattr(args, "results_dir", "results")))
+    except ProbeMismatch as err:
+        raise UserError(f"{args.sweep}: {err}") from None
+    return micro
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -181,9 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # submit / check / compare (bench.submission) and plan (bench.planner) add their own parsers.
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    from bench import planner, submission
+    from bench import memprobe, planner, submission
 
-    return [submission.register, planner.register]
+    return [submission.register, planner.register, memprobe.register]
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
