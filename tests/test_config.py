@@ -56,7 +56,8 @@ def test_missing_sweep_file(tmp_path: Path, capsys):
 
 def test_unknown_packaged_name(capsys):
     assert main(["run", "no-such-sweep", "--dry-run"]) == 2
-    assert "no packaged sweep of that name (packaged: digits-linear, seed-blobs" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no packaged sweep of that name (packaged: " in err and "seed-blobs" in err and "digits-linear" in err
 
 
 def test_bad_cluster_file(tmp_path: Path, tiny_sweep: Path, capsys):
@@ -79,7 +80,7 @@ def test_alias_bomb_refused(tmp_path: Path, capsys):
 
 
 def test_packaged_sweeps_validate_and_plan(capsys):
-    for name in ("seed-blobs", "digits-linear"):
+    for name in ("seed-blobs", "digits-linear", "digits-huge-batch-no-warmup", "digits-huge-batch-warmup"):
         sweep, path = load_sweep(name)
         assert path.name == f"{name}.yaml"
         assert main(["run", name, "--dry-run"]) == 0
