@@ -17,6 +17,8 @@ checkout; a failure prints the example and a ``@reproduce_failure`` blob instead
 
 from __future__ import annotations
 
+import copy
+
 import contextlib
 import math
 import os
@@ -104,7 +106,7 @@ PLAUSIBLE = (None, True, False, 0.1, 0.9, 1, 2, 16, 32, 64, 0.0, "sgd", "adamw",
              "step", "linear", "sqrt", "fp32", "bf16", "auto", [32], [1], [0, 1], [16, 32], [0.9, 0.99],
              [1.0, 2.0], {"CPU": 1}, "description text <b>", "127.0.0.1:6379")
 wild_values = st.one_of(
-    numbers, scalars, st.lists(numbers, max_size=3), values, st.just(DELETE), st.just([]), st.just({}),
+    numbers, scalars, st.lists(numbers, max_size=3), values, st.just(DELETE), st.builds(list), st.builds(dict),
     st.integers(min_value=1, max_value=120).map(_nested),
 )
 
@@ -164,7 +166,9 @@ def text_mutation(draw):
 
 
 def apply_mutations(base: dict, mutations: list) -> dict:
-    doc = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    # Deep copies: a drawn value must never be shared between examples (hypothesis replays the
+    # strategies, and an object mutated by an earlier example makes that replay inconsistent).
+    doc = copy.deepcopy(base)
     for section, key, value in mutations:
         target = doc
         if section is not None:
@@ -174,7 +178,7 @@ def apply_mutations(base: dict, mutations: list) -> dict:
         if value is DELETE:
             target.pop(key, None)
         else:
-            target[key] = value
+            target[key] = copy.deepcopy(value)
     return doc
 
 
