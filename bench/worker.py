@@ -25,7 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bench import events as ev
-from bench import workloads
+from bench import noise, workloads
+from bench.augment import random_crop_flip
 from bench.models import build_model
 from bench.plan import RunPlan
 from bench.store import RunDir
@@ -217,8 +218,6 @@ class Trainer:
             sync = self.model.no_sync() if no_sync else contextlib.nullcontext()
             x = self.data.x_train[idx]
             if self.data.augment == "crop_flip":
-                from bench.augment import random_crop_flip
-
                 x = random_crop_flip(x)
             with sync:
                 with self.autocast():
@@ -244,11 +243,10 @@ class Trainer:
     def noise_probe(self, num_global: int):
         """A probe on every `noise_scale_every_steps`-th full step, when there are two batch sizes
         to compare (several workers, or gradient accumulation); None otherwise."""
-        from bench import noise
-
         p, every = self.plan, self.sweep.noise_scale_every_steps
-        if (not every or self.step % every or num_global != p.global_batch_size
-                or noise.probe_batch_sizes(p.micro_batch_size, p.grad_accum_steps, p.num_workers) is None):
+        if not every or self.step % every or num_global != p.global_batch_size:
+            return None  # the common case: no import, no allocation on the hot path
+        if noise.probe_batch_sizes(p.micro_batch_size, p.grad_accum_steps, p.num_workers) is None:
             return None
         if self.noise_ema is None:
             self.noise_ema = noise.NoiseScaleEMA()
