@@ -61,12 +61,14 @@ LR_SCALING_RULE = "lr_scaling_rule"  # linear | sqrt | none
 REFERENCE_LEARNING_RATE = "reference_learning_rate"  # base_lr at base_batch_size, before scaling
 REFERENCE_BATCH_SIZE = "reference_batch_size"
 STEPS_PER_EPOCH = "steps_per_epoch"
+TRAIN_EVAL_SAMPLES = "train_eval_samples"  # training samples the train_* metrics are measured on
 
 # --- per-epoch metrics ---
 EVAL_ACCURACY = "eval_accuracy"  # test-set accuracy (MLPerf name)
 EVAL_LOSS = "eval_loss"  # ours
-TRAIN_ACCURACY = "train_accuracy"  # ours: accuracy on the full training set, eval mode
-TRAIN_LOSS = "train_loss"  # ours: loss on the full training set, eval mode
+TRAIN_ACCURACY = "train_accuracy"  # ours: eval-mode accuracy on the training set (all of it, or
+#   for streamed ImageNet a fixed evenly spaced subset of train_eval_samples images, val transform)
+TRAIN_LOSS = "train_loss"  # ours: eval-mode loss on the same training samples
 OPT_LEARNING_RATE = "opt_learning_rate"  # ours: LR applied; metadata.step = the step it applied to
 GRADIENT_NOISE_SCALE = "gradient_noise_scale"  # ours: B_simple; metadata: grad_sq_small, grad_sq_big, trace_sigma
 TORCH_MEMORY = "torch_memory"  # ours: metadata max_allocated_gib, max_reserved_gib (per epoch, rank 0)

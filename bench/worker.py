@@ -18,7 +18,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -26,13 +26,11 @@ import torch.nn.functional as F
 
 from bench import events as ev
 from bench import noise, workloads
-from bench.augment import random_crop_flip
+from bench.feed import EVAL_CHUNK, Batch, make_feed  # noqa: F401 (EVAL_CHUNK: read by the memory probe)
 from bench.models import build_model
 from bench.plan import RunPlan
 from bench.store import RunDir
-from bench.workloads.data import Data, epoch_permutation
-
-EVAL_CHUNK = 2048  # samples per forward pass at evaluation time
+from bench.workloads.data import Data
 
 
 @dataclass
@@ -70,29 +68,19 @@ def _all_reduce_sum(t: torch.Tensor, ctx: WorkerContext) -> torch.Tensor:
     return t
 
 
-def step_indices(perm: torch.Tensor, step: int, plan: RunPlan, rank: int) -> tuple[torch.Tensor, int]:
-    """This rank's sample indices for one optimizer step, and the step's global sample count.
-    The step takes the next global batch of the epoch's permutation (the last one may be
-    partial); rank r takes every world_size-th index, so ranks differ by at most one sample."""
-    start = step * plan.global_batch_size
-    batch = perm[start:start + plan.global_batch_size]
-    return batch[rank::plan.num_workers], int(batch.numel())
-
-
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: WorkerContext,
-             autocast: Callable[[], Any]) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) over the whole set; each rank scores its strided share
-    and one all-reduce combines them: a single host read per evaluation."""
+def evaluate(model: torch.nn.Module, batches: Iterable[Batch], ctx: WorkerContext,
+             autocast: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) over a split; each rank scores its share (the feed's
+    batches) and one all-reduce combines them: a single host read per evaluation."""
     model.eval()
-    idx = torch.arange(ctx.rank, y.shape[0], ctx.world_size, device=y.device)
-    totals = torch.zeros(3, dtype=torch.float64, device=y.device)  # correct, loss sum, count
-    for chunk in idx.split(EVAL_CHUNK):
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
+    for x, y in batches:
         with autocast():
-            logits = model(x[chunk])
-        totals[0] += (logits.argmax(1) == y[chunk]).sum()
-        totals[1] += F.cross_entropy(logits.float(), y[chunk], reduction="sum")
-        totals[2] += chunk.numel()
+            logits = model(x)
+        totals[0] += (logits.argmax(1) == y).sum()
+        totals[1] += F.cross_entropy(logits.float(), y, reduction="sum")
+        totals[2] += y.numel()
     correct, loss_sum, count = _all_reduce_sum(totals, ctx).tolist()
     model.train()
     return correct / count, loss_sum / count
@@ -107,13 +95,9 @@ class Trainer:
         self.device = ctx.device
         torch.manual_seed(plan.seed)  # same initial weights on every rank and at every batch size
         loaded = data if data is not None else workloads.load(plan.workload, sweep.options, plan.seed)
-        self.data = loaded.to(self.device)
-        memory_format = torch.channels_last if sweep.channels_last and self.data.x_train.dim() == 4 \
-            else torch.contiguous_format
-        if memory_format is torch.channels_last:
-            self.data.x_train = self.data.x_train.contiguous(memory_format=memory_format)
-            self.data.x_test = self.data.x_test.contiguous(memory_format=memory_format)
-        model = build_model(plan.model, tuple(self.data.x_train.shape[1:]), self.data.num_classes)
+        self.feed = make_feed(loaded, plan, ctx.rank, ctx.world_size, self.device, sweep.channels_last)
+        memory_format = torch.channels_last if self.feed.channels_last else torch.contiguous_format
+        model = build_model(plan.model, self.feed.input_shape, self.feed.num_classes)
         model = model.to(self.device, memory_format=memory_format)
         self.raw_model = model
         if ctx.distributed:
@@ -167,6 +151,7 @@ class Trainer:
             (ev.OPT_LEARNING_RATE_WARMUP_EPOCHS, p.warmup_epochs),
             (ev.OPT_LEARNING_RATE_WARMUP_STEPS, p.warmup_steps), (ev.OPT_WEIGHT_DECAY, opt.weight_decay),
             (ev.TRAIN_SAMPLES, p.num_train), (ev.EVAL_SAMPLES, p.num_test),
+            (ev.TRAIN_EVAL_SAMPLES, self.feed.train_eval_samples),
             (ev.STEPS_PER_EPOCH, p.steps_per_epoch),
         ]:
             self.emit(key, value)
@@ -176,9 +161,10 @@ class Trainer:
         _sync(self.device)
         t0 = time.perf_counter()
         self.emit_interval(ev.EVAL_START, ev.INTERVAL_START, epoch_num=epoch)
-        d = self.data
-        train_acc, train_loss = evaluate(self.model, d.x_train, d.y_train, self.ctx, self.autocast)
-        test_acc, test_loss = evaluate(self.model, d.x_test, d.y_test, self.ctx, self.autocast)
+        train_acc, train_loss = evaluate(self.model, self.feed.eval_batches("train"), self.ctx,
+                                         self.autocast, self.device)
+        test_acc, test_loss = evaluate(self.model, self.feed.eval_batches("test"), self.ctx,
+                                       self.autocast, self.device)
         pos = self._position(epoch)
         for key, value in ((ev.TRAIN_ACCURACY, train_acc), (ev.TRAIN_LOSS, train_loss),
                            (ev.EVAL_ACCURACY, test_acc), (ev.EVAL_LOSS, test_loss)):
@@ -196,33 +182,28 @@ class Trainer:
         self.eval_time_s += time.perf_counter() - t0
 
     # --- training ----------------------------------------------------------------------------
-    def train_step(self, perm: torch.Tensor, step_in_epoch: int) -> torch.Tensor:
-        """One optimizer step over one global batch. Returns the summed loss on the device
-        (no host synchronisation here)."""
+    def train_step(self, micro_batches: Iterable[Batch], num_global: int, step_in_epoch: int) -> torch.Tensor:
+        """One optimizer step over one global batch (this rank's micro-batches of it, from the
+        feed). Returns the summed loss on the device (no host synchronisation here)."""
         p = self.plan
         lr = p.lr(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        local, num_global = step_indices(perm, step_in_epoch, p, self.ctx.rank)
         probe = self.noise_probe(num_global)
         # Sum-reduced loss scaled by world/num_global: after DDP's mean over ranks the gradient
         # is exactly the mean over the global batch, even for a partial last batch.
         scale = p.num_workers / num_global
         loss_sum = torch.zeros((), device=self.device)
-        micro_batches = local.tensor_split(p.grad_accum_steps)
-        for i, idx in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
+        for i, (x, y) in enumerate(micro_batches):
+            last = i == p.grad_accum_steps - 1
             # Non-final micro-steps skip DDP's all-reduce; a noise-scale probe step skips it on
             # every micro-step and all-reduces once itself, after reading the local gradients.
             no_sync = self.ctx.distributed and (not last or probe is not None)
             sync = self.model.no_sync() if no_sync else contextlib.nullcontext()
-            x = self.data.x_train[idx]
-            if self.data.augment == "crop_flip":
-                x = random_crop_flip(x)
             with sync:
                 with self.autocast():
                     logits = self.model(x)
-                loss = F.cross_entropy(logits.float(), self.data.y_train[idx], reduction="sum",
+                loss = F.cross_entropy(logits.float(), y, reduction="sum",
                                        label_smoothing=self.label_smoothing)
                 (loss * scale).backward()
             loss_sum += loss.detach()
@@ -261,13 +242,12 @@ class Trainer:
     def train_epoch(self, epoch: int) -> None:
         p = self.plan
         self.emit_interval(ev.EPOCH_START, ev.INTERVAL_START, epoch_num=epoch)
-        perm = epoch_permutation(p.num_train, p.seed, epoch).to(self.device, non_blocking=True)
         steps = min(p.steps_per_epoch, p.total_steps - self.step)
         samples_before = self.samples_seen
         _sync(self.device)
-        t0 = time.perf_counter()
-        for s in range(steps):
-            self.train_step(perm, s)
+        t0 = time.perf_counter()  # input reading counts as training time (streamed data too)
+        for s, (micro_batches, num_global) in enumerate(self.feed.steps(epoch, steps)):
+            self.train_step(micro_batches, num_global, s)
         _sync(self.device)
         seconds = time.perf_counter() - t0
         self.train_time_s += seconds
@@ -372,6 +352,7 @@ class Trainer:
         }
 
     def close(self) -> None:
+        self.feed.close()
         if self.log is not None:
             self.log.close()
 

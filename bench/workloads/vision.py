@@ -13,6 +13,7 @@ NumPy arrays, lists and bytes.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
@@ -27,7 +28,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from bench.augment import train_transform, val_transform
 from bench.workloads.data import Data, epoch_permutation
@@ -148,6 +149,16 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def evaluation_view(self, count: int) -> Subset:
+        """``count`` evenly spaced images of this split (every class represented, the same
+        ones at every epoch and batch size) read with the deterministic val transform: what
+        the train accuracy and loss are measured on, since scoring all 1.28M images each
+        evaluation would cost about as much as a training epoch."""
+        view = copy.copy(self)  # shares the path and label arrays
+        view.train = False
+        picks = np.linspace(0, len(self) - 1, num=min(count, len(self))).round().astype(np.int64)
+        return Subset(view, np.unique(picks).tolist())
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         from PIL import Image
 
@@ -158,9 +169,10 @@ class ImageFolderDataset(Dataset):
 
 
 class StepBatchSampler(Sampler[list[int]]):
-    """One index list per optimizer step: this rank's contiguous share of the global batch,
-    in the order of ``epoch_permutation(seed, epoch)`` (the in-memory path's order). Yields
-    exactly ``steps_per_epoch`` lists (the plan's count; a short final batch is split unevenly)."""
+    """One index list per optimizer step: this rank's share of the global batch in the order
+    of ``epoch_permutation(seed, epoch)``, positions rank, rank + R, rank + 2R, ... (exactly the
+    resident-data path's sharding, ``bench.feed.step_indices``). Yields ``steps_per_epoch``
+    lists (the plan's count; in a short final batch ranks differ by at most one sample)."""
 
     def __init__(self, num_samples: int, global_batch_size: int, steps_per_epoch: int,
                  rank: int, num_replicas: int, seed: int) -> None:
@@ -178,7 +190,7 @@ class StepBatchSampler(Sampler[list[int]]):
         order = epoch_permutation(self.num_samples, self.seed, self.epoch)
         for step in range(self.steps_per_epoch):
             batch = order[step * self.global_batch_size:(step + 1) * self.global_batch_size]
-            yield torch.tensor_split(batch, self.num_replicas)[self.rank].tolist()
+            yield batch[self.rank::self.num_replicas].tolist()
 
 
 class ShardSampler(Sampler[int]):
@@ -197,8 +209,10 @@ class ShardSampler(Sampler[int]):
 
 @dataclass
 class StreamingData:
-    """A workload too big for memory: two Datasets of (uint8 CHW image, label) read by
-    DataLoader processes. How a training worker uses it::
+    """A workload too big for memory: Datasets of (uint8 CHW image, label) read by DataLoader
+    processes — ``train`` (augmented), ``test``, and ``train_eval`` (training images with the
+    evaluation transform, on which train accuracy is measured). How ``bench.feed.StreamFeed``
+    uses it::
 
         loader = data.train_loader(global_batch_size=..., steps_per_epoch=plan.steps_per_epoch,
                                    rank=rank, num_replicas=world_size, seed=plan.seed)
@@ -216,6 +230,7 @@ class StreamingData:
 
     train: Dataset
     test: Dataset
+    train_eval: Dataset
     num_classes: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -232,22 +247,28 @@ class StreamingData:
     def num_test(self) -> int:
         return len(self.test)
 
-    def _loader_settings(self, seed: int, rank: int) -> dict:
+    def _loader_settings(self, seed: int, rank: int, persistent: bool = True) -> dict:
         busy = self.num_loader_workers > 0
         generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)  # seeds the loader processes
         return dict(num_workers=self.num_loader_workers, pin_memory=torch.cuda.is_available(),
-                    persistent_workers=busy, prefetch_factor=self.prefetch_factor if busy else None,
-                    generator=generator)
+                    persistent_workers=busy and persistent,
+                    prefetch_factor=self.prefetch_factor if busy else None, generator=generator)
 
     def train_loader(self, *, global_batch_size: int, steps_per_epoch: int, rank: int,
                      num_replicas: int, seed: int) -> DataLoader:
         sampler = StepBatchSampler(self.num_train, global_batch_size, steps_per_epoch, rank, num_replicas, seed)
         return DataLoader(self.train, batch_sampler=sampler, **self._loader_settings(seed, rank))
 
+    def eval_loader(self, split: str, *, batch_size: int, rank: int, num_replicas: int) -> DataLoader:
+        """This rank's share of ``split`` ("train" = the ``train_eval`` view, or "test"), each image
+        once. Its processes live for one pass only: an evaluation is rare, and persistent ones
+        would hold two more sets of decoders per rank for the whole run."""
+        dataset = self.train_eval if split == "train" else self.test
+        return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, num_replicas),
+                          **self._loader_settings(0, rank, persistent=False))
+
     def test_loader(self, *, per_worker_batch_size: int, rank: int, num_replicas: int) -> DataLoader:
-        return DataLoader(self.test, batch_size=per_worker_batch_size,
-                          sampler=ShardSampler(self.num_test, rank, num_replicas),
-                          **self._loader_settings(0, rank))
+        return self.eval_loader("test", batch_size=per_worker_batch_size, rank=rank, num_replicas=num_replicas)
 
     def to_device(self, images_u8: torch.Tensor, device: torch.device | str,
                   channels_last: bool = False) -> torch.Tensor:
@@ -259,11 +280,13 @@ class StreamingData:
 
 def load_imagenet(options: ImageNetOptions, _seed: int = 0) -> StreamingData:
     """ImageNet in ImageFolder layout, streamed: train = random resized crop 224 + flip,
-    val = resize 256 + centre crop 224. Labels are sorted class-folder indices."""
+    val = resize 256 + centre crop 224 (also on the ``train_eval_samples`` training images the
+    train metrics use). Labels are sorted class-folder indices."""
     root = Path(options.root).expanduser()
     classes = image_folder_classes(root / "train")  # the options checked val/ holds the same
-    return StreamingData(ImageFolderDataset(root / "train", classes, train=True),
-                         ImageFolderDataset(root / "val", classes, train=False),
+    train = ImageFolderDataset(root / "train", classes, train=True)
+    return StreamingData(train, ImageFolderDataset(root / "val", classes, train=False),
+                         train.evaluation_view(options.train_eval_samples),
                          num_classes=len(classes), mean=IMAGENET_MEAN, std=IMAGENET_STD,
                          num_loader_workers=options.num_loader_workers,
                          prefetch_factor=options.prefetch_factor)

@@ -95,12 +95,15 @@ def iter_image_folder(split_dir: Path, classes: list[str]) -> Iterator[tuple[str
 class ImageNetOptions(BaseModel):
     """``root`` holds ``train/<class>/*.JPEG`` and ``val/<class>/*.JPEG`` (val sorted into class
     folders, as torchvision's ImageFolder wants). Images stream from disk; the two loader
-    settings size each training worker's DataLoader."""
+    settings size each training worker's DataLoader. Train accuracy and loss are measured on
+    ``train_eval_samples`` evenly spaced training images (val transform), not all 1.28M."""
 
     model_config = ConfigDict(extra="forbid")
     root: str = Field(description="folder with train/ and val/ class folders")
     num_loader_workers: int = Field(8, ge=0, le=128, description="DataLoader processes per training worker")
     prefetch_factor: int = Field(4, ge=1, le=64, description="batches each loader process keeps ready")
+    train_eval_samples: int = Field(50_000, ge=1, description="evenly spaced training images the train "
+                                    "accuracy/loss are measured on (all of them when the set is smaller)")
 
     @model_validator(mode="after")
     def _folders_exist(self) -> "ImageNetOptions":
