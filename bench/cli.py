@@ -61,8 +61,9 @@ def _load(args: argparse.Namespace):
     return sweep, sweep_path, cluster, cluster_path, plans
 
 
-def _auto_micro_batch(sweep, args: argparse.Namespace) -> int | None:
-    """`max_micro_batch_size: auto` reads the memory probe's answer for this sweep's setup."""
+def _auto_micro_batch(sweep, args: argparse.Namespace) -> dict[int, int] | None:
+    """`max_micro_batch_size: auto` reads the memory probe's answer for this sweep's setup:
+    a micro-batch per per-worker batch."""
     if sweep.max_micro_batch_size != "auto":
         return None
     from bench.memprobe import ProbeMismatch, micro_batch_for_auto

@@ -5,7 +5,7 @@ until a step runs out of memory, then bisection between the last fit and the fir
 failure), the per-try peak-memory measurement, the linear fit
 ``memory ~ fixed + per_sample x micro_batch`` over the successful tries with the
 largest batch it predicts for the device's memory less a safety margin, the choice of
-``max_micro_batch_size`` for ``auto`` (``choose_micro_batch``), and the probe file
+micro-batch of each per-worker batch for ``auto`` (``micro_batch_per_worker_batch``), and the probe file
 (``results/<sweep>/memory-probe.json``, written atomically; ``load_probe`` reads it back
 and refuses one made for a different model / precision / optimizer).
 
@@ -60,16 +60,13 @@ Measurement:
   "runs out of memory" when its peak is above ``memory_cap_bytes`` (the step completes;
   it is never killed midway) or torch fails to allocate.
 
-Choice for ``max_micro_batch_size: auto`` (``choose_micro_batch``): ``plan_sweep`` takes
-one cap M for the whole sweep and needs, for every per-worker batch P, either P <= M (no
-accumulation, micro = P) or P % M == 0. The answer is the largest M <= the measured
-largest fit with that property (every P that needs splitting is a multiple of M), and
-when every P already fits it is the largest P. With power-of-two sweeps that is a power
-of two. ``micro_batch_per_worker_batch`` gives the best micro-batch of each P on its own
-(largest divisor of P that fits), for comparison: the single M can be much smaller when
-the Ps share few factors, and a single cap also splits every P above it that would have
-fit whole (both are written to the probe file; a per-run micro-batch would need
-``plan_sweep`` to take a mapping).
+Choice for ``max_micro_batch_size: auto`` (``micro_batch_per_worker_batch``): each per-worker
+batch P runs whole when P <= the measured largest fit, else as P / M micro-batches of M, the
+largest divisor of P that fits (``plan_sweep`` takes this mapping). Per batch rather than one
+sweep-wide cap: a single cap must divide every P above it, so with P = 64, 256, 480 and a fit
+of 90 it would be 32 and split the 64 that fits whole; per batch, 64 runs whole and 256, 480
+as 4 x 64 and 6 x 80. A P with no large divisor (a prime, say) gets small micro-batches:
+the probe command prints each choice so that shows before a sweep runs.
 
 After the search, one evaluation chunk (``bench.worker.EVAL_CHUNK`` samples, forward only,
 no grad) is run once and reported as ``eval_check``: the worker evaluates in chunks of that
@@ -145,8 +142,7 @@ class ProbeResult:
         del d["try_details"]
         choice: dict[str, Any] = {}
         if self.largest_fit > 0 and self.per_worker_batches:
-            choice = {"max_micro_batch_size": choose_micro_batch(self),
-                      "by_per_worker_batch": {str(p): m for p, m in micro_batch_per_worker_batch(self).items()}}
+            choice = {"by_per_worker_batch": {str(p): m for p, m in micro_batch_per_worker_batch(self).items()}}
         d["choice"] = choice
         return {"schema": SCHEMA, **d}
 
@@ -231,35 +227,10 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
     return best
 
 
-def choose_micro_batch(result: ProbeResult, batches: Optional[Sequence[int]] = None, *,
-                       limit: Optional[int] = None) -> int:
-    """The sweep-wide ``max_micro_batch_size`` for ``auto``: the largest M <= limit (default
-    the measured largest fit) such that every per-worker batch P has P <= M or P % M == 0,
-    which is exactly what ``plan_sweep`` accepts. When every P fits, that is max(P)."""
-    limit = result.largest_fit if limit is None else limit
-    ps = sorted(set(batches if batches is not None else result.per_worker_batches))
-    if limit < 1:
-        raise ValueError(f"no micro-batch fits: even {result.first_fail or 1} sample(s) ran out of memory "
-                         f"on {result.device}")
-    if not ps:
-        return limit
-    if ps[-1] <= limit:
-        return ps[-1]
-    must_divide = [p for p in ps if p > limit]
-    g = 0
-    for p in must_divide:
-        g = math.gcd(g, p)
-    # M must divide every P above it; the candidates are divisors of g (the gcd of those above
-    # limit), and a candidate M also needs every P in (M, limit] to be a multiple of it.
-    for m in sorted({d for i in range(1, math.isqrt(g) + 1) if g % i == 0 for d in (i, g // i)}, reverse=True):
-        if m <= limit and all(p <= m or p % m == 0 for p in ps):
-            return m
-    return 1
-
-
 def micro_batch_per_worker_batch(result: ProbeResult, batches: Optional[Sequence[int]] = None, *,
                                  limit: Optional[int] = None) -> dict[int, int]:
-    """For each per-worker batch P on its own: the largest divisor of P that fits."""
+    """``max_micro_batch_size: auto``: for each per-worker batch P on its own, the largest
+    divisor of P that fits (P itself when it fits: no accumulation)."""
     limit = result.largest_fit if limit is None else limit
     ps = sorted(set(batches if batches is not None else result.per_worker_batches))
     if limit < 1:
@@ -799,9 +770,9 @@ def load_probe(path: str | Path, sweep=None) -> ProbeResult:
     return result
 
 
-def micro_batch_for_auto(sweep, results_dir: str | Path = "results") -> tuple[int, Path]:
-    """``max_micro_batch_size: auto``: the choice from RESULTS_DIR/<sweep>/memory-probe.json,
-    and that path. Raises ProbeMismatch (a ValueError) when the file is missing, unreadable,
+def micro_batch_for_auto(sweep, results_dir: str | Path = "results") -> tuple[dict[int, int], Path]:
+    """``max_micro_batch_size: auto``: the micro-batch of each per-worker batch, chosen from
+    RESULTS_DIR/<sweep>/memory-probe.json, and that path. Raises ProbeMismatch (a ValueError) when the file is missing, unreadable,
     made for another model / precision / optimizer, or found that nothing fits."""
     path = default_output(sweep, results_dir)
     if not path.is_file():
@@ -814,10 +785,10 @@ def micro_batch_for_auto(sweep, results_dir: str | Path = "results") -> tuple[in
         raise
     except (OSError, KeyError, TypeError, ValueError) as err:
         raise ProbeMismatch(f"{path}: not a readable memory probe ({type(err).__name__}: {err})") from None
-    try:
-        return choose_micro_batch(result, per_worker_batches(sweep)), path
-    except ValueError as err:
-        raise ProbeMismatch(f"{path}: {err}") from None
+    if result.largest_fit < 1:
+        raise ProbeMismatch(f"{path}: no micro-batch fits: even {result.first_fail or 1} sample(s) ran out "
+                            f"of memory on {result.device}")
+    return micro_batch_per_worker_batch(result, per_worker_batches(sweep)), path
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -885,8 +856,9 @@ def cmd_probe_memory(args: argparse.Namespace) -> int:
     if result.largest_fit < 1:
         raise UserError(f"no micro-batch fits on {result.device}: even {result.first_fail} ran out of memory "
                         f"(see {out})", EXIT_FAILED)
-    m = choose_micro_batch(result)
-    print(f"max_micro_batch_size for this sweep's per-worker batches {result.per_worker_batches}: {m}")
+    chosen = micro_batch_per_worker_batch(result)
+    print("max_micro_batch_size: auto runs per-worker batch " + ", ".join(
+        f"{p} as {p // m} x {m}" if m < p else f"{p} whole" for p, m in chosen.items()))
     return 0
 
 

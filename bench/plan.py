@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, Mapping
 
 Scaling = Literal["linear", "sqrt", "none"]
 
@@ -148,10 +148,12 @@ def run_id(global_batch_size: int, num_workers: int, seed: int) -> str:
     return f"gbs{global_batch_size:06d}-w{num_workers:03d}-s{seed}"
 
 
-def plan_sweep(sweep, *, max_micro_batch_size: int | None = None) -> list[RunPlan]:
+def plan_sweep(sweep, *, max_micro_batch_size: int | Mapping[int, int] | None = None) -> list[RunPlan]:
     """All runs of a validated SweepConfig, ordered by worker count, then batch, then seed.
 
-    `max_micro_batch_size` overrides the sweep's (the memory probe's answer for 'auto').
+    `max_micro_batch_size` overrides the sweep's: one cap for every run, or (the memory
+    probe's answer for 'auto') a micro-batch per per-worker batch size; a per-worker batch
+    missing from the mapping runs without accumulation.
     """
     num_train, num_test = sweep.dataset_sizes()
     micro_cap = max_micro_batch_size
@@ -164,7 +166,8 @@ def plan_sweep(sweep, *, max_micro_batch_size: int | None = None) -> list[RunPla
             if gbs > num_train:
                 raise PlanError(f"global_batch_sizes: {gbs} is larger than the training set "
                                 f"({num_train} samples of workload {sweep.workload!r})")
-            per_worker, micro, accum = split_batch(gbs, workers, micro_cap)
+            cap = micro_cap.get(gbs // workers) if isinstance(micro_cap, Mapping) else micro_cap
+            per_worker, micro, accum = split_batch(gbs, workers, cap)
             spe = steps_per_epoch(num_train, gbs, workers, accum)
             total = spe * sweep.epochs
             if sweep.max_steps is not None:

@@ -13,8 +13,8 @@ import torch
 
 from bench import cli, memprobe
 from bench.config import load_sweep
-from bench.memprobe import ProbeResult, Try, choose_micro_batch, micro_batch_per_worker_batch, probe
-from bench.plan import PlanError, split_batch
+from bench.memprobe import ProbeResult, Try, micro_batch_per_worker_batch, probe
+from bench.plan import split_batch
 from tests.conftest import TINY_SWEEP, write_yaml
 
 MIB = 2**20
@@ -68,8 +68,7 @@ def test_max_batch_bounds_the_search(sweep) -> None:
 def test_nothing_fits(sweep) -> None:
     r = probe(sweep, device="cpu", memory_cap_bytes=50, step=fake_memory())
     assert (r.largest_fit, r.first_fail) == (0, 1) and len(r.tries) == 1
-    with pytest.raises(ValueError, match="no micro-batch fits"):
-        choose_micro_batch(r)
+    assert micro_batch_per_worker_batch(r) == {}
 
 
 @pytest.mark.parametrize("start", [1, 3, 8])
@@ -177,32 +176,26 @@ def result_with(largest: int, batches: list[int]) -> ProbeResult:
 
 
 @pytest.mark.parametrize("largest, batches, expected", [
-    (90, [32, 64], 64),  # everything fits: no accumulation, micro = per-worker batch
-    (90, [128, 256, 512], 64),  # largest power of two under 90 dividing all
-    (200, [96, 1000], 200),  # 96 fits as it is; 1000 = 5 x 200
-    (90, [100, 300], 50),
-    (200, [384, 1000], 8),  # must divide both: gcd 8
-    (1, [7, 9], 1),
-    (5000, [], 5000),
+    (90, [32, 64], {32: 32, 64: 64}),  # everything fits: no accumulation
+    (90, [128, 256, 512], {128: 64, 256: 64, 512: 64}),
+    (200, [96, 1000], {96: 96, 1000: 200}),  # 96 fits as it is; 1000 = 5 x 200
+    (90, [64, 256, 480], {64: 64, 256: 64, 480: 80}),  # one sweep-wide cap would be 32 and split 64
+    (200, [384, 1000], {384: 192, 1000: 200}),  # a sweep-wide cap would have to be gcd 8
+    (1, [7, 9], {7: 1, 9: 1}),
+    (5000, [], {}),
 ])
-def test_choose_micro_batch(largest: int, batches: list[int], expected: int) -> None:
-    assert choose_micro_batch(result_with(largest, batches)) == expected
+def test_micro_batch_per_worker_batch(largest: int, batches: list[int], expected: dict) -> None:
+    assert micro_batch_per_worker_batch(result_with(largest, batches)) == expected
 
 
-def test_choice_is_the_largest_that_plan_sweep_accepts() -> None:
-    def accepted(m: int, ps: list[int]) -> bool:
-        try:
-            for p in ps:
-                split_batch(p, 1, m)
-            return True
-        except PlanError:
-            return False
-
-    for ps in itertools.combinations([12, 16, 24, 48, 64, 96, 100, 128, 250, 256], 3):
+def test_each_choice_is_the_largest_fitting_split_plan_sweep_accepts() -> None:
+    for ps in itertools.combinations([12, 16, 24, 48, 64, 96, 97, 100, 128, 250, 256], 3):
         for largest in (1, 7, 16, 20, 50, 64, 100, 300):
-            m = choose_micro_batch(result_with(largest, list(ps)))
-            assert 1 <= m <= max(largest, 1) and accepted(m, list(ps))
-            assert not any(accepted(k, list(ps)) for k in range(m + 1, largest + 1) if k <= max(ps)), (ps, largest, m)
+            chosen = micro_batch_per_worker_batch(result_with(largest, list(ps)))
+            for p, m in chosen.items():
+                assert split_batch(p, 1, m) == ((p, p, 1) if p <= largest else (p, m, p // m))
+                assert m <= max(largest, 1) and p % m == 0
+                assert not any(p % k == 0 for k in range(m + 1, min(largest, p) + 1)), (p, largest, m)
 
 
 def test_per_batch_choice_and_the_sweep_batches(sweep) -> None:
@@ -276,12 +269,13 @@ def test_probe_file_round_trip_and_mismatch(sweep, tmp_path: Path) -> None:
     path = memprobe.write_probe(r, tmp_path / "deep" / "memory-probe.json")
     assert [p.name for p in path.parent.iterdir()] == ["memory-probe.json"]  # no temp file left
     data = json.loads(path.read_text())
-    assert data["choice"] == {"max_micro_batch_size": 64, "by_per_worker_batch": {"32": 32, "64": 64}}
+    assert data["choice"] == {"by_per_worker_batch": {"32": 32, "64": 64}}
     assert data["tries"][0] == {"micro_batch": 1, "ok": True, "peak_bytes": 110,
                                 "peak_allocated_bytes": None, "seconds": data["tries"][0]["seconds"],
                                 "error": None}
     back = memprobe.load_probe(path, sweep)
-    assert back.tries == r.tries and back.largest_fit == 90 and choose_micro_batch(back) == 64
+    assert back.tries == r.tries and back.largest_fit == 90
+    assert micro_batch_per_worker_batch(back) == {32: 32, 64: 64}
     other = sweep.model_copy(update={"precision": "bf16"})
     with pytest.raises(memprobe.ProbeMismatch, match="probe-memory again"):
         memprobe.load_probe(path, other)
@@ -305,8 +299,8 @@ def test_cli_probe_on_a_tiny_sweep(with_probe_command, tiny_sweep: Path, tmp_pat
     path = tmp_path / "results" / "tiny" / "memory-probe.json"
     data = json.loads(path.read_text())
     assert data["largest_fit"] == 4096 and data["first_fail"] is None
-    assert data["choice"]["max_micro_batch_size"] == 64 and data["memory_cap_bytes"] == 8 * MIB
-    assert "max_micro_batch_size for this sweep's per-worker batches [32, 64]: 64" in out
+    assert data["choice"]["by_per_worker_batch"] == {"32": 32, "64": 64} and data["memory_cap_bytes"] == 8 * MIB
+    assert "max_micro_batch_size: auto runs per-worker batch 32 whole, 64 whole" in out
 
 
 def test_cli_mistakes(with_probe_command, tiny_sweep: Path, tmp_path: Path, capsys) -> None:
@@ -349,11 +343,11 @@ def test_micro_batch_for_auto(sweep, tmp_path: Path) -> None:
     path = memprobe.write_probe(r, memprobe.default_output(sweep, tmp_path))
     assert path == tmp_path / "tiny" / "memory-probe.json"
     bigger = sweep.model_copy(update={"global_batch_sizes": [32, 64, 256, 480]})  # same memory key
-    m, _ = memprobe.micro_batch_for_auto(bigger, tmp_path)
-    assert m == 32  # largest <= 90 dividing 256 and 480; one sweep-wide cap also splits 64, which fits
-    plans = plan_sweep(bigger, max_micro_batch_size=m)
+    chosen, _ = memprobe.micro_batch_for_auto(bigger, tmp_path)
+    assert chosen == {32: 32, 64: 64, 256: 64, 480: 80}  # largest fit 90: 64 runs whole
+    plans = plan_sweep(bigger, max_micro_batch_size=chosen)
     assert [(p.per_worker_batch_size, p.micro_batch_size, p.grad_accum_steps) for p in plans] == \
-        [(32, 32, 1), (64, 32, 2), (256, 32, 8), (480, 32, 15)]
+        [(32, 32, 1), (64, 64, 1), (256, 64, 4), (480, 80, 6)]
     with pytest.raises(memprobe.ProbeMismatch, match="different model"):
         memprobe.micro_batch_for_auto(sweep.model_copy(update={"model": "mlp", "workload": "digits"}), tmp_path)
     path.write_text("{not json")
@@ -413,3 +407,21 @@ def test_cuda_path_with_a_simulated_gpu(sweep, monkeypatch) -> None:
     r = probe(sweep, device="cuda", safety_margin=0.1, check_eval=False)
     assert r.largest_fit == 874 and r.budget_bytes == int(924 * MIB * 0.9)  # less the context
     assert r.predicted_largest == int((924 * 0.9 - 50))
+
+
+def test_auto_sweep_dry_run_shows_each_batch_split(tiny_sweep: Path, tmp_path: Path, capsys) -> None:
+    auto = tiny_sweep.parent / "auto.yaml"
+    auto.write_text(tiny_sweep.read_text().replace("global_batch_sizes: [32, 64]",
+                                                   "global_batch_sizes: [32, 64, 256, 480]")
+                    + "max_micro_batch_size: auto\n")
+    results = tmp_path / "results"
+    assert cli.main(["run", str(auto), "--results-dir", str(results), "--dry-run"]) == 2
+    assert "needs a memory probe" in capsys.readouterr().err
+    sweep = load_sweep(auto)[0]
+    r = probe(sweep, device="cpu", memory_cap_bytes=1000, step=fake_memory(), safety_margin=0.0)
+    memprobe.write_probe(r, memprobe.default_output(sweep, results))
+    assert cli.main(["run", str(auto), "--results-dir", str(results), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for line in ("per-worker 32 = 1 x 32", "per-worker 64 = 1 x 64", "per-worker 256 = 4 x 64",
+                 "per-worker 480 = 6 x 80"):
+        assert line in out

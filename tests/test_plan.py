@@ -60,6 +60,18 @@ def test_split_batch_and_accumulation():
         split_batch(1024, 2, 96)
 
 
+def test_plan_takes_a_micro_batch_per_per_worker_batch():
+    from bench.config import SweepConfig
+    from bench.plan import plan_sweep
+
+    sweep = SweepConfig.model_validate(dict(
+        name="m", workload="blobs", lr=dict(base_lr=0.1, base_batch_size=32), epochs=1,
+        global_batch_sizes=[64, 256, 480], num_workers=[1, 2], seeds=[0], target_accuracy=0.5))
+    plans = plan_sweep(sweep, max_micro_batch_size={64: 64, 256: 64, 480: 80, 128: 32})  # 32, 240: absent
+    assert [(p.num_workers, p.per_worker_batch_size, p.micro_batch_size, p.grad_accum_steps) for p in plans] == [
+        (1, 64, 64, 1), (1, 256, 64, 4), (1, 480, 80, 6), (2, 32, 32, 1), (2, 128, 32, 4), (2, 240, 240, 1)]
+
+
 def test_steps_per_epoch_partial_last_batch():
     assert steps_per_epoch(500, 4) == 125
     assert steps_per_epoch(500, 450) == 2  # 450 + a partial batch of 50
