@@ -67,13 +67,20 @@ def check_reachable(address: str, timeout_s: float) -> None:
 _STARTED_HERE = False  # shut down only the Ray connection this process opened
 
 
+def cluster_address(cluster: ClusterConfig) -> str | None:
+    """Where to connect: the cluster file's ``address``; else ``RAY_ADDRESS`` when it is set (a
+    ``ray job submit`` entrypoint runs with it, and there ray.init joins that cluster and refuses
+    ``num_cpus``); else None: start a local Ray sized from the cluster file."""
+    return cluster.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def connect(cluster: ClusterConfig, max_workers: int) -> None:
     global _STARTED_HERE
     import ray
 
-    remote = bool(cluster.address) and cluster.address != "auto"
-    if remote:
-        check_reachable(cluster.address, cluster.connect_timeout_s)
+    address = cluster_address(cluster)
+    if address and address != "auto":
+        check_reachable(address, cluster.connect_timeout_s)
     if ray.is_initialized():  # e.g. a test session's Ray, or a caller's own ray.init()
         return
     _STARTED_HERE = True
@@ -87,8 +94,9 @@ def connect(cluster: ClusterConfig, max_workers: int) -> None:
 
 
 def _init(ray: Any, cluster: ClusterConfig, max_workers: int, common: dict) -> None:
-    if cluster.address:
-        ray.init(address=cluster.address, **common)
+    address = cluster_address(cluster)
+    if address:
+        ray.init(address=address, **common)
         return
     cpus_per_worker = float(cluster.resources_per_worker.get("CPU", 1))
     need = int(max_workers * cpus_per_worker + 0.999)

@@ -66,3 +66,21 @@ def test_unreachable_cluster_fails_fast(tmp_path: Path, capsys):
     assert not (tmp_path / "r").exists()  # nothing written
     err = capsys.readouterr().err
     assert "cannot reach the Ray cluster at 127.0.0.1:9" in err and "Traceback" not in err
+
+
+def test_ray_address_from_the_environment_is_joined_not_restarted(tmp_path: Path, capsys, monkeypatch):
+    # A `ray job submit` entrypoint runs with RAY_ADDRESS set; the default (address: null) cluster
+    # file must join that cluster (here a dead one: fail fast, naming it), never pass num_cpus.
+    from bench.config import ClusterConfig
+    from bench.launcher import cluster_address
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
+    assert cluster_address(ClusterConfig(name="local")) == "127.0.0.1:9"
+    assert cluster_address(ClusterConfig(name="c", address="10.0.0.5:6379")) == "10.0.0.5:6379"
+    sweep = write_yaml(tmp_path / "s.yaml", TINY_SWEEP)
+    cluster = write_yaml(tmp_path / "c.yaml", "name: local\nconnect_timeout_s: 2\n")
+    code = main(["run", str(sweep), "--cluster", str(cluster), "--results-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 1 and "cannot reach the Ray cluster at 127.0.0.1:9" in err and "Traceback" not in err
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert cluster_address(ClusterConfig(name="local")) is None
