@@ -148,6 +148,17 @@ def run_id(global_batch_size: int, num_workers: int, seed: int) -> str:
     return f"gbs{global_batch_size:06d}-w{num_workers:03d}-s{seed}"
 
 
+def run_schedule(num_train: int, global_batch_size: int, num_workers: int, grad_accum_steps: int, *,
+                 epochs: int, max_steps: int | None, base_lr: float, base_batch_size: int, scaling: str,
+                 warmup_epochs: float, warmup_steps: int | None) -> tuple[int, int, int, float]:
+    """(steps_per_epoch, total_steps, warmup_steps, peak_lr) of one run from the sweep's plain
+    values: the one derivation both ``plan_sweep`` and the submission checker use."""
+    spe = steps_per_epoch(num_train, global_batch_size, num_workers, grad_accum_steps)
+    total = spe * epochs if max_steps is None else min(spe * epochs, max_steps)
+    warmup = warmup_steps if warmup_steps is not None else round(warmup_epochs * spe)
+    return spe, total, warmup, scaled_lr(base_lr, base_batch_size, global_batch_size, scaling)
+
+
 def plan_sweep(sweep, *, max_micro_batch_size: int | Mapping[int, int] | None = None) -> list[RunPlan]:
     """All runs of a validated SweepConfig, ordered by worker count, then batch, then seed.
 
@@ -168,15 +179,13 @@ def plan_sweep(sweep, *, max_micro_batch_size: int | Mapping[int, int] | None = 
                                 f"({num_train} samples of workload {sweep.workload!r})")
             cap = micro_cap.get(gbs // workers) if isinstance(micro_cap, Mapping) else micro_cap
             per_worker, micro, accum = split_batch(gbs, workers, cap)
-            spe = steps_per_epoch(num_train, gbs, workers, accum)
-            total = spe * sweep.epochs
-            if sweep.max_steps is not None:
-                total = min(total, sweep.max_steps)
-            warmup = lr.warmup_steps if lr.warmup_steps is not None else round(lr.warmup_epochs * spe)
+            spe, total, warmup, peak = run_schedule(
+                num_train, gbs, workers, accum, epochs=sweep.epochs, max_steps=sweep.max_steps,
+                base_lr=lr.base_lr, base_batch_size=lr.base_batch_size, scaling=lr.scaling,
+                warmup_epochs=lr.warmup_epochs, warmup_steps=lr.warmup_steps)
             if warmup > total:
                 raise PlanError(f"lr.warmup: {warmup} warmup steps exceed the {total} steps of the run "
                                 f"at global batch {gbs}")
-            peak = scaled_lr(lr.base_lr, lr.base_batch_size, gbs, lr.scaling)
             for seed in sweep.seeds:
                 runs.append(RunPlan(
                     sweep=sweep.name, run_id=run_id(gbs, workers, seed), seed=seed,

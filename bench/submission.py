@@ -1,12 +1,12 @@
-"""Submissions: package stored runs MLPerf-style, check a package, compare packages.
+"""Submissions: package stored runs MLPerf-style, read a package back, compare packages.
 
 Owns: the layout of a submission folder, ``system.json`` (MLPerf system-description fields), the
-``:::MLLOG`` rendering of event logs with ``submission_*`` keys, the checksums, the compliance
-checks (complete runs, LR rule applied, seeds, checksums, convergence against a reference in the
-spirit of MLPerf's reference convergence points) and the side-by-side comparison; CLI commands
-``submit``, ``check``, ``compare`` (``register``).
+``:::MLLOG`` rendering of event logs with ``submission_*`` keys, writing the checksums, reading a
+package back (``load_submission``) and the side-by-side comparison; CLI commands ``submit``,
+``check``, ``compare`` (``register``). What ``check`` checks lives in bench.compliance.
 
-Must not import: torch, ray. pandas/numpy/scipy (via bench.analysis) are imported inside
+Must not import: torch, ray; bench.compliance at module level (it imports this module;
+``cmd_check`` imports it late). pandas/numpy/scipy (via bench.analysis) are imported inside
 functions, because the CLI imports this module to build its parser.
 
 Layout of a submission::
@@ -23,10 +23,9 @@ Layout of a submission::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
-import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -37,7 +36,6 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from bench import events as ev
-from bench import plan as plan_mod
 from bench import store
 
 # MLPerf keys that events.py does not define yet (header of every result log).
@@ -47,6 +45,7 @@ SUBMISSION_STATUS = "submission_status"
 HEADER_KEYS = (SUBMISSION_ORG, SUBMISSION_PLATFORM, SUBMISSION_DIVISION, SUBMISSION_BENCHMARK)
 MLLOG_PREFIX = ":::MLLOG "
 DIVISIONS = ("open", "closed")
+STATUSES = ("available", "preview", "rdi")  # MLPerf: on sale / coming / research, development, internal
 SYSTEM_FIELDS = (
     "submitter", "division", "status", "system_name", "number_of_nodes", "host_processors_per_node",
     "host_processor_model_name", "host_processor_core_count", "host_processor_vcpu_count",
@@ -62,8 +61,6 @@ RUN_FILES = (store.RUN_PLAN, store.SUMMARY, store.CONFIG, store.CLUSTER, store.E
 REQUIRED_RUN_FILES = (store.RUN_PLAN, store.SUMMARY, store.CONFIG)
 SYSTEM_JSON, CLUSTER_COPY = "system.json", "system/cluster.yaml"
 SUMMARY_CSV, CHECKSUMS = "summary.csv", "checksums.sha256"
-LR_REL_TOL = 1e-6
-RCP_ALPHA = 0.05
 
 
 def _user_error(message: str, code: int = 2) -> Exception:
@@ -76,7 +73,9 @@ def _user_error(message: str, code: int = 2) -> Exception:
 
 def _distinct(values: Iterable[Any]) -> Any:
     """The one known value; several different ones joined with ' | '; None when none is known."""
-    seen = sorted({str(v) for v in values if v not in (None, "")})
+    distinct = {v for v in values if v not in (None, "") and not isinstance(v, (dict, list))}
+    seen = [str(v) for v in sorted(distinct, key=lambda v: (0, float(v), "") if isinstance(v, numbers.Real)
+                                   else (1, 0.0, str(v)))]  # numbers in numeric order: 2 before 16
     return None if not seen else seen[0] if len(seen) == 1 else " | ".join(seen)
 
 
@@ -182,7 +181,8 @@ def make_submission(results_paths: Sequence[Path | str], system_file: Path | str
     return out
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -190,26 +190,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _files(root: Path) -> list[str]:
+def checksummed_files(root: Path) -> list[str]:
+    """Every file under root (relative POSIX paths, sorted) that checksums.sha256 lists."""
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != CHECKSUMS)
 
 
 def _write_checksums(root: Path) -> None:
-    lines = [f"{_sha256(root / rel)}  {rel}" for rel in _files(root)]
+    lines = [f"{sha256_file(root / rel)}  {rel}" for rel in checksummed_files(root)]
     (root / CHECKSUMS).write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def _checksum_problems(root: Path) -> list[str]:
-    listed: dict[str, str] = {}
-    for line in (root / CHECKSUMS).read_text(encoding="utf-8").splitlines():
-        digest, _, rel = line.partition("  ")
-        if line.strip():
-            listed[rel] = digest
-    problems = [f"checksums: {rel} is listed but missing" for rel in listed if not (root / rel).is_file()]
-    problems += [f"checksums: {rel} is not listed in {CHECKSUMS}" for rel in _files(root) if rel not in listed]
-    problems += [f"checksums: {rel} was modified (sha256 differs)" for rel, digest in listed.items()
-                 if (root / rel).is_file() and _sha256(root / rel) != digest]
-    return problems
 
 
 # --- reading a submission back ------------------------------------------------------------
@@ -243,11 +231,12 @@ def load_submission(path: Path | str) -> tuple[dict, list[store.RunRecord], list
             problems.append(f"run {sweep}/{run_id}: missing {', '.join(missing)}")
             continue
         try:
-            opt = lambda n: json.loads((run / n).read_text()) if (run / n).is_file() else {}  # noqa: E731
+            text = lambda n: (run / n).read_text(encoding="utf-8")  # noqa: E731 (written as UTF-8)
+            opt = lambda n: json.loads(text(n)) if (run / n).is_file() else {}  # noqa: E731
             records.append(store.RunRecord(
                 sweep=sweep, run_id=run_id, path=run, plan=opt(store.RUN_PLAN),
-                config=yaml.safe_load((run / store.CONFIG).read_text()) or {},
-                cluster=yaml.safe_load((run / store.CLUSTER).read_text()) if (run / store.CLUSTER).is_file() else {},
+                config=yaml.safe_load(text(store.CONFIG)) or {},
+                cluster=yaml.safe_load(text(store.CLUSTER)) if (run / store.CLUSTER).is_file() else {},
                 env=opt(store.ENV), worker_env=opt(store.WORKER_ENV), summary=opt(store.SUMMARY),
                 events=read_mllog(log)))
         except (OSError, ValueError, yaml.YAMLError) as err:
@@ -256,200 +245,6 @@ def load_submission(path: Path | str) -> tuple[dict, list[store.RunRecord], list
     problems += [f"run {p.parent.name}/{p.name}: folder without a result log"
                  for p in sorted((root / "runs").glob("*/*")) if (p.parent.name, p.name) not in logged]
     return system, records, problems
-
-
-# --- checks -------------------------------------------------------------------------------
-
-def check_submission(path: Path | str, *, reference: Path | str | None = None) -> list[str]:
-    """Every violation found (empty: the submission passes). See docs/clusters.md and the
-    docstring of ``convergence_problems`` for exactly what each check means."""
-    root = Path(path)
-    if not root.is_dir():
-        return [f"{root}: no submission folder"]
-    problems = [f"{name}: required file missing" for name in (SYSTEM_JSON, CLUSTER_COPY, SUMMARY_CSV, CHECKSUMS)
-                if not (root / name).is_file()]
-    if (root / CHECKSUMS).is_file():
-        problems += _checksum_problems(root)
-    system, records, read_problems = load_submission(root)
-    problems += read_problems + _system_problems(system)
-    if not records:
-        return problems + ["results/: no result logs"]
-    for r in records:
-        problems += _run_problems(r) + _lr_problems(r)
-    problems += _seed_problems(records)
-    if reference is not None:
-        ref_system, ref_records, ref_problems = load_submission(reference)
-        problems += [f"reference: {p}" for p in ref_problems]
-        problems += convergence_problems(records, ref_records)
-    return problems
-
-
-def _system_problems(system: dict) -> list[str]:
-    problems = [f"{SYSTEM_JSON}: field {k!r} missing" for k in SYSTEM_FIELDS if k not in system]
-    problems += [f"{SYSTEM_JSON}: field {k!r} is empty" for k in REQUIRED_SYSTEM_VALUES
-                 if k in system and system[k] in (None, "")]
-    if system.get("division") not in (None, *DIVISIONS):
-        problems.append(f"{SYSTEM_JSON}: division {system['division']!r} is not one of {', '.join(DIVISIONS)}")
-    return problems
-
-
-def _run_problems(r: store.RunRecord) -> list[str]:
-    name, keys = f"run {r.sweep}/{r.run_id}", [e.get("key") for e in r.events]
-    problems = [f"{name}: log has no {k} line" for k in HEADER_KEYS if k not in keys[:len(HEADER_KEYS) + 1]]
-    stops = [e for e in r.events if e.get("key") == ev.RUN_STOP]
-    status = (stops[-1].get("metadata") or {}).get("status") if stops else None
-    if status != "success":
-        problems.append(f"{name}: not complete (run_stop status {status or 'missing'})")
-    elif (r.summary or {}).get("status") != "success":
-        problems.append(f"{name}: summary.json status {(r.summary or {}).get('status')!r}, log says success")
-    return problems
-
-
-def expected_plan(r: store.RunRecord) -> plan_mod.RunPlan:
-    """The run's plan recomputed with bench.plan from its config (rule, base LR/batch, warmup,
-    schedule) and the batch arithmetic in run.json; nothing declared is trusted."""
-    p, cfg = plan_mod.RunPlan.from_dict(r.plan), r.config
-    lr = cfg.get("lr") or {}
-    spe = plan_mod.steps_per_epoch(p.num_train, p.global_batch_size, p.num_workers, p.grad_accum_steps)
-    total = spe * int(cfg.get("epochs", p.epochs))
-    total = min(total, cfg["max_steps"]) if cfg.get("max_steps") else total
-    warmup = lr["warmup_steps"] if lr.get("warmup_steps") is not None else round(lr.get("warmup_epochs", 0.0) * spe)
-    peak = plan_mod.scaled_lr(lr["base_lr"], lr["base_batch_size"], p.global_batch_size, lr.get("scaling", "linear"))
-    return dataclasses.replace(
-        p, steps_per_epoch=spe, total_steps=total, scaling=lr.get("scaling", "linear"), reference_lr=lr["base_lr"],
-        reference_batch_size=lr["base_batch_size"], peak_lr=peak, warmup_steps=warmup,
-        schedule=lr.get("schedule", "constant"), milestones_epochs=tuple(lr.get("step_milestones_epochs", ())),
-        gamma=lr.get("step_gamma", 0.1))
-
-
-def _close(a: Any, b: float) -> bool:
-    try:
-        return math.isclose(float(a), b, rel_tol=LR_REL_TOL, abs_tol=1e-12)
-    except (TypeError, ValueError):
-        return False
-
-
-def _lr_problems(r: store.RunRecord) -> list[str]:
-    name = f"run {r.sweep}/{r.run_id}"
-    try:
-        want = expected_plan(r)
-    except (KeyError, TypeError, ValueError) as err:
-        return [f"{name}: cannot recompute the LR rule from run.json/config.yaml ({type(err).__name__}: {err})"]
-    rule = f"the {want.scaling} rule with {want.warmup_steps} warmup steps"
-    problems = [f"{name}: run.json declares {k} {getattr(plan_mod.RunPlan.from_dict(r.plan), k)}, {rule} gives "
-                f"{getattr(want, k)}" for k in ("peak_lr", "warmup_steps")
-                if not _close(r.plan.get(k), getattr(want, k))]
-    base = [e for e in r.events if e.get("key") == ev.OPT_BASE_LEARNING_RATE]
-    if base and not _close(base[0].get("value"), want.peak_lr):
-        problems.append(f"{name}: logged opt_base_learning_rate {base[0]['value']} but {rule} gives "
-                        f"{want.peak_lr:.8g}")
-    applied = [(int((e.get("metadata") or {}).get("step", -1)), e.get("value"))
-               for e in r.events if e.get("key") == ev.OPT_LEARNING_RATE]
-    if not applied:
-        return problems + [f"{name}: no opt_learning_rate lines: the applied LR cannot be checked"]
-    wrong = [(s, v, want.lr(s)) for s, v in applied if s < 0 or not _close(v, want.lr(s))]
-    if wrong:
-        s, v, w = wrong[0]
-        problems.append(f"{name}: LR applied at step {s} was {v}, {rule} gives {w:.8g} "
-                        f"({len(wrong)} of {len(applied)} logged steps differ)")
-    return problems
-
-
-def _seed_problems(records: Sequence[store.RunRecord]) -> list[str]:
-    """Every (global batch, workers) the sweep config declares has a run for every declared seed."""
-    problems, by_sweep = [], {}
-    for r in records:
-        by_sweep.setdefault(r.sweep, []).append(r)
-    for sweep, runs in sorted(by_sweep.items()):
-        cfg = runs[0].config
-        have = {(r.plan.get("global_batch_size"), r.plan.get("num_workers"), r.plan.get("seed")) for r in runs}
-        seeds = list(cfg.get("seeds", [0]))
-        for b in cfg.get("global_batch_sizes", []):
-            for w in cfg.get("num_workers", [1]):
-                missing = [s for s in seeds if (b, w, s) not in have]
-                if missing:
-                    problems.append(f"sweep {sweep}: global batch {b} x {w} worker(s): {len(seeds) - len(missing)} "
-                                    f"of {len(seeds)} declared seeds present (missing seeds {missing})")
-    return problems
-
-
-def reference_points(ref_df) -> Any:
-    """RCP table (global_batch_size, mean, std, n) from a reference's runs_frame: mean = olympic
-    mean of epochs-to-target (a non-converged run counts as slowest), std (ddof 1) and n over the
-    converged runs; batches smaller than the fastest-converging one are pruned, then (repeatedly)
-    interior points slower than the linear interpolation of their neighbours."""
-    import pandas as pd
-
-    from bench.analysis import olympic_mean
-
-    rows = [{"global_batch_size": b, "mean": olympic_mean(g["epochs_to_target"], missing_as_worst=True),
-             "std": g["epochs_to_target"].std(ddof=1), "n": int(g["epochs_to_target"].notna().sum())}
-            for b, g in ref_df.groupby("global_batch_size")]
-    pts = pd.DataFrame(rows, columns=["global_batch_size", "mean", "std", "n"]).dropna(subset=["mean"])
-    if pts.empty:
-        return pts
-    pts = pts[pts["global_batch_size"] >= pts.loc[pts["mean"].idxmin(), "global_batch_size"]].reset_index(drop=True)
-    while len(pts) >= 3:
-        b, m = pts["global_batch_size"].to_numpy(float), pts["mean"].to_numpy(float)
-        slow = [i for i in range(1, len(pts) - 1)
-                if m[i] > m[i - 1] + (m[i + 1] - m[i - 1]) * (b[i] - b[i - 1]) / (b[i + 1] - b[i - 1])]
-        if not slow:
-            break
-        pts = pts.drop(index=slow[0]).reset_index(drop=True)
-    return pts
-
-
-def convergence_problems(records: Sequence[store.RunRecord], ref_records: Sequence[store.RunRecord]) -> list[str]:
-    """MLPerf-RCP-style check of epochs-to-target, per workload and global batch size.
-
-    Reference: ``reference_points``; mean and std interpolated with np.interp between reference
-    batches (clamped below the smallest), n = the smaller n of the two neighbours; no RCP above
-    the largest reference batch (not checked). Submission: olympic mean of epochs-to-target over
-    its runs at that batch (any worker count; non-converged = slowest). At or above the
-    reference mean it passes. Below, a one-sided equal-variance t-test (scipy
-    ``ttest_ind_from_stats``, alternative 'less') of submission vs reference fails it when
-    p < 0.05; with one converged submission run its std is 0, so the allowance is
-    t(0.95, n_ref - 1) * std_ref * sqrt(1 + 1/n_ref). Without reference spread (n_ref < 2) any
-    mean below the reference fails.
-    """
-    import numpy as np
-    from scipy import stats
-
-    from bench.analysis import olympic_mean, runs_frame
-
-    df, ref = runs_frame(records), runs_frame(ref_records)
-    problems = []
-    for workload, sub in df.groupby("workload"):
-        ref_w = ref[ref["workload"] == workload]
-        if ref_w.empty:
-            problems.append(f"convergence: the reference has no runs of workload {workload!r}")
-            continue
-        if set(sub["target_accuracy"].dropna()) != set(ref_w["target_accuracy"].dropna()):
-            problems.append(f"convergence: {workload}: target accuracy {sorted(set(sub['target_accuracy']))} "
-                            f"differs from the reference's {sorted(set(ref_w['target_accuracy']))}")
-            continue
-        pts = reference_points(ref_w)
-        xb = pts["global_batch_size"].to_numpy(float)
-        for b, g in sub.groupby("global_batch_size"):
-            if pts.empty or b > xb.max():
-                continue
-            mean = olympic_mean(g["epochs_to_target"], missing_as_worst=True)
-            ref_mean = float(np.interp(b, xb, pts["mean"]))
-            if math.isnan(mean) or mean >= ref_mean:
-                continue
-            ref_std = float(np.interp(b, xb, pts["std"].fillna(0.0)))
-            lo, hi = max(0, np.searchsorted(xb, b, "right") - 1), min(len(xb) - 1, np.searchsorted(xb, b))
-            ref_n = int(min(pts["n"].iloc[lo], pts["n"].iloc[hi]))
-            conv = g["epochs_to_target"].dropna()
-            std = float(conv.std(ddof=1)) if len(conv) >= 2 else 0.0
-            p = 0.0 if ref_n < 2 else float(stats.ttest_ind_from_stats(
-                mean, std, len(conv), ref_mean, ref_std, ref_n, equal_var=True, alternative="less").pvalue)
-            if ref_n < 2 or p < RCP_ALPHA:
-                problems.append(
-                    f"convergence: {workload} global batch {b}: epochs-to-target {mean:.4g} (olympic mean, "
-                    f"n={len(conv)}) is faster than the reference {ref_mean:.4g} +/- {ref_std:.3g} (n={ref_n}) "
-                    f"allows: one-sided t-test p={p:.3g} < {RCP_ALPHA}")
-    return problems
 
 
 # --- comparison ---------------------------------------------------------------------------
@@ -509,12 +304,15 @@ def _write_html(path: Path, names: list[str], long, wide) -> None:
 # --- CLI ------------------------------------------------------------------------------------
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    out = make_submission(args.results, args.system, args.output, submitter=args.submitter, division=args.division)
+    out = make_submission(args.results, args.system, args.output, submitter=args.submitter,
+                          division=args.division, status=args.status)
     print(f"submission: {out}   next: batchscale check {out}")
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from bench.compliance import check_submission  # late: bench.compliance imports this module
+
     if args.reference is not None and not Path(args.reference).is_dir():
         raise _user_error(f"no reference submission at {args.reference}")
     problems = check_submission(args.submission, reference=args.reference)
@@ -542,6 +340,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="new folder, e.g. results/submissions/NAME/")
     p.add_argument("--submitter", default="unknown", help="organisation (MLPerf submission_org)")
     p.add_argument("--division", choices=DIVISIONS, default="open")
+    p.add_argument("--status", choices=STATUSES, help="MLPerf system status (system.json and each log's "
+                                                      "submission_status); default: not stated")
     p.set_defaults(func=cmd_submit)
     p = sub.add_parser("check", help="check a submission; exit 1 listing every violation")
     p.add_argument("submission")

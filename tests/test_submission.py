@@ -1,7 +1,7 @@
-"""bench.submission on synthetic results written through bench.store/bench.events
-(tests/fixtures_results.py): a clean submission passes; a tampered LR, a missing run, an edited
-file, a run that converges too fast each fail with their specific violation; refusals leave
-nothing behind."""
+"""bench.submission and bench.compliance on synthetic results written through bench.store and
+bench.events (tests/fixtures_results.py): a clean submission passes; a tampered LR, a missing run,
+an edited file, a run that converges too fast each fail with their specific violation; refusals
+leave nothing behind."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from bench import compliance
 from bench import events as ev
 from bench import submission as sub
 from bench.cli import UserError
@@ -42,8 +43,8 @@ def _copy(src: Path, tmp_path: Path) -> Path:
 
 
 def test_clean_submission_passes(clean):
-    assert sub.check_submission(clean) == []
-    assert sub.check_submission(clean, reference=clean) == []  # same convergence as the reference
+    assert compliance.check_submission(clean) == []
+    assert compliance.check_submission(clean, reference=clean) == []  # same convergence as the reference
 
 
 def test_layout_and_system_json(clean):
@@ -77,7 +78,7 @@ def test_tampered_lr_is_caught(tmp_path):
         if e["key"] == ev.OPT_LEARNING_RATE and e["metadata"]["step"] == 3:
             e["value"] *= 1.5
     log.write_text("".join(json.dumps(e) + "\n" for e in events))
-    problems = sub.check_submission(_submit(results, tmp_path / "sub"))
+    problems = compliance.check_submission(_submit(results, tmp_path / "sub"))
     assert len(problems) == 1, problems
     assert "demo/gbs000016-w001-s1: LR applied at step 3 was" in problems[0]
     # 500 samples / 16 = 31 full steps + 1 partial = 32 steps per epoch = 32 warmup steps (1 epoch);
@@ -92,14 +93,14 @@ def test_declared_peak_lr_that_breaks_the_rule_is_caught(tmp_path):
     plan = json.loads(plan_path.read_text())
     plan["peak_lr"] = 0.08  # the linear rule gives 0.01 x 64 / 4 = 0.16
     plan_path.write_text(json.dumps(plan))
-    problems = sub.check_submission(_submit(results, tmp_path / "sub"))
+    problems = compliance.check_submission(_submit(results, tmp_path / "sub"))
     assert any("run.json declares peak_lr 0.08, the linear rule with 8 warmup steps gives 0.16" in p for p in problems)
 
 
 def test_missing_run_is_caught(tmp_path):
     results = _results(tmp_path / "results")
     shutil.rmtree(results / "gbs000004-w001-s2")
-    problems = sub.check_submission(_submit(results, tmp_path / "sub"))
+    problems = compliance.check_submission(_submit(results, tmp_path / "sub"))
     assert problems == ["sweep demo: global batch 4 x 1 worker(s): 2 of 3 declared seeds present "
                         "(missing seeds [2])"]
 
@@ -107,7 +108,7 @@ def test_missing_run_is_caught(tmp_path):
 def test_run_removed_from_a_package_is_caught(clean, tmp_path):
     copy = _copy(clean, tmp_path)
     (copy / "results" / "demo" / "gbs000016-w001-s0.log").unlink()
-    problems = sub.check_submission(copy)
+    problems = compliance.check_submission(copy)
     assert "checksums: results/demo/gbs000016-w001-s0.log is listed but missing" in problems
     assert "run demo/gbs000016-w001-s0: folder without a result log" in problems
     assert any("missing seeds [0]" in p for p in problems)
@@ -118,9 +119,29 @@ def test_edited_file_is_caught(clean, tmp_path):
     summary = copy / "runs" / "demo" / "gbs000064-w001-s1" / "summary.json"
     summary.write_text(summary.read_text().replace('"final_test_acc": 0.', '"final_test_acc": 0.9'))
     (copy / "notes.txt").write_text("added later")
-    assert sub.check_submission(copy) == [
+    assert compliance.check_submission(copy) == [
         "checksums: notes.txt is not listed in checksums.sha256",
         "checksums: runs/demo/gbs000064-w001-s1/summary.json was modified (sha256 differs)"]
+
+
+def test_checksum_lines_pointing_outside_are_violations_never_read(clean, tmp_path):
+    copy = _copy(clean, tmp_path)
+    (tmp_path / "secret.txt").write_text("outside the submission")
+    with open(copy / "checksums.sha256", "a", encoding="utf-8") as fh:
+        fh.write(f"{'0' * 64}  ../secret.txt\n{'0' * 64}  {tmp_path / 'secret.txt'}\n")
+    assert compliance.check_submission(copy) == [
+        "checksums: ../secret.txt points outside the submission folder",
+        f"checksums: {tmp_path / 'secret.txt'} points outside the submission folder"]
+
+
+def test_lr_line_without_a_step_is_a_violation_not_a_crash(tmp_path):
+    results = _results(tmp_path / "results", batches=(4,), seeds=(0, 1, 2))
+    log = results / "gbs000004-w001-s0" / "events.jsonl"
+    events = ev.read_events(log)
+    next(e for e in events if e["key"] == ev.OPT_LEARNING_RATE)["metadata"]["step"] = None
+    log.write_text("".join(json.dumps(e) + "\n" for e in events))
+    problems = compliance.check_submission(_submit(results, tmp_path / "sub"))
+    assert problems == ["run demo/gbs000004-w001-s0: 1 opt_learning_rate line(s) without a whole-number step"]
 
 
 def test_missing_system_field_and_failed_run(clean, tmp_path):
@@ -131,7 +152,7 @@ def test_missing_system_field_and_failed_run(clean, tmp_path):
     (copy / "system.json").write_text(json.dumps(system))
     log = copy / "results" / "demo" / "gbs000004-w001-s0.log"
     log.write_text(log.read_text().replace('"status": "success"', '"status": "diverged"'))
-    problems = [p for p in sub.check_submission(copy) if not p.startswith("checksums:")]
+    problems = [p for p in compliance.check_submission(copy) if not p.startswith("checksums:")]
     assert problems == ["system.json: field 'cooling' missing", "system.json: field 'framework' is empty",
                         "run demo/gbs000004-w001-s0: not complete (run_stop status diverged)"]
 
@@ -156,7 +177,7 @@ def test_refuses_non_empty_output(clean, tmp_path):
 
 def test_faster_convergence_than_reference_fails(clean, tmp_path):
     fast = _results(tmp_path / "results", s_min=25.0, batches=(4, 16, 64, 256))  # half the steps
-    problems = sub.check_submission(_submit(fast, tmp_path / "fast"), reference=clean)
+    problems = compliance.check_submission(_submit(fast, tmp_path / "fast"), reference=clean)
     assert [p.split(":")[1].strip() for p in problems] == [
         "blobs global batch 4", "blobs global batch 16", "blobs global batch 64"]  # 256: above the RCPs
     assert all("faster than the reference" in p and "p=" in p for p in problems)
@@ -165,7 +186,7 @@ def test_faster_convergence_than_reference_fails(clean, tmp_path):
 def test_reference_points_prune_and_interpolation():
     df = pd.DataFrame({"global_batch_size": [8, 8, 16, 16, 32, 32, 64, 64, 128, 128],
                        "epochs_to_target": [6, 6, 4, 4, 9, 9, 6, 6, 10, 10]})
-    pts = sub.reference_points(df)
+    pts = compliance.reference_points(df)
     # 8 is smaller than the fastest batch (16: 4 epochs): pruned; 32 (9) is slower than the
     # interpolation of 16 and 64 (4 + (6 - 4) * 16 / 48 = 4.67): pruned.
     assert pts["global_batch_size"].tolist() == [16, 64, 128]
@@ -207,8 +228,12 @@ def _cli(argv):
 def test_cli_submit_check_compare(tmp_path, capsys):
     results = _results(tmp_path / "results", batches=(4, 16), seeds=(0,))
     out = tmp_path / "subs" / "one"
-    assert _cli(["submit", str(results), "--system", str(CLUSTER), "-o", str(out), "--submitter", "ACME"]) == 0
+    assert _cli(["submit", str(results), "--system", str(CLUSTER), "-o", str(out), "--submitter", "ACME",
+                 "--status", "rdi"]) == 0
     assert _cli(["check", str(out)]) == 0
+    assert json.loads((out / "system.json").read_text())["status"] == "rdi"
+    log = next((out / "results").glob("*/*.log")).read_text()
+    assert '"key": "submission_status", "value": "rdi"' in log
     (out / "summary.csv").write_text("edited")
     assert _cli(["check", str(out), "--reference", str(out)]) == 1
     assert "VIOLATION: checksums: summary.csv was modified" in capsys.readouterr().out

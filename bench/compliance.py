@@ -1,0 +1,253 @@
+"""Compliance: check a packaged submission and list every violation (``batchscale check``).
+
+Owns: what a submission must satisfy and the wording of each violation: required files and
+``system.json`` fields, checksums, complete runs with the ``submission_*`` header, the LR rule
+(peak LR and warmup recomputed with bench.plan from each run's config, compared with run.json and
+every logged ``opt_learning_rate``), every declared seed present, and convergence against a
+reference submission in the spirit of MLPerf's reference convergence points (RCP).
+bench.submission owns the layout and reading a package back; this module only reads.
+
+Must not import: torch, ray, bench.cli. pandas/numpy/scipy (via bench.analysis) are imported
+inside functions, as in bench.submission.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from bench import events as ev
+from bench import plan as plan_mod
+from bench import store
+from bench.submission import (CHECKSUMS, CLUSTER_COPY, DIVISIONS, HEADER_KEYS, REQUIRED_SYSTEM_VALUES,
+                              SUMMARY_CSV, SYSTEM_FIELDS, SYSTEM_JSON, checksummed_files, load_submission,
+                              sha256_file)
+
+LR_REL_TOL = 1e-6
+RCP_ALPHA = 0.05
+
+
+# --- files, system, runs, LR, seeds -------------------------------------------------------
+
+def check_submission(path: Path | str, *, reference: Path | str | None = None) -> list[str]:
+    """Every violation found (empty: the submission passes). See docs/clusters.md and the
+    docstring of ``convergence_problems`` for exactly what each check means."""
+    root = Path(path)
+    if not root.is_dir():
+        return [f"{root}: no submission folder"]
+    problems = [f"{name}: required file missing" for name in (SYSTEM_JSON, CLUSTER_COPY, SUMMARY_CSV, CHECKSUMS)
+                if not (root / name).is_file()]
+    if (root / CHECKSUMS).is_file():
+        problems += _checksum_problems(root)
+    system, records, read_problems = load_submission(root)
+    problems += read_problems + _system_problems(system)
+    if not records:
+        return problems + ["results/: no result logs"]
+    for r in records:
+        problems += _run_problems(r) + _lr_problems(r)
+    problems += _seed_problems(records)
+    if reference is not None:
+        ref_system, ref_records, ref_problems = load_submission(reference)
+        problems += [f"reference: {p}" for p in ref_problems]
+        problems += convergence_problems(records, ref_records)
+    return problems
+
+
+def _checksum_problems(root: Path) -> list[str]:
+    listed: dict[str, str] = {}
+    outside: list[str] = []
+    for line in (root / CHECKSUMS).read_text(encoding="utf-8").splitlines():
+        digest, _, rel = line.partition("  ")
+        if not line.strip():
+            continue
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:  # never read beyond the submission
+            outside.append(f"checksums: {rel} points outside the submission folder")
+        else:
+            listed[rel] = digest
+    problems = outside + [f"checksums: {rel} is listed but missing" for rel in listed
+                          if not (root / rel).is_file()]
+    problems += [f"checksums: {rel} is not listed in {CHECKSUMS}" for rel in checksummed_files(root)
+                 if rel not in listed]
+    problems += [f"checksums: {rel} was modified (sha256 differs)" for rel, digest in listed.items()
+                 if (root / rel).is_file() and sha256_file(root / rel) != digest]
+    return problems
+
+
+def _system_problems(system: dict) -> list[str]:
+    problems = [f"{SYSTEM_JSON}: field {k!r} missing" for k in SYSTEM_FIELDS if k not in system]
+    problems += [f"{SYSTEM_JSON}: field {k!r} is empty" for k in REQUIRED_SYSTEM_VALUES
+                 if k in system and system[k] in (None, "")]
+    if system.get("division") not in (None, *DIVISIONS):
+        problems.append(f"{SYSTEM_JSON}: division {system['division']!r} is not one of {', '.join(DIVISIONS)}")
+    return problems
+
+
+def _run_problems(r: store.RunRecord) -> list[str]:
+    name, keys = f"run {r.sweep}/{r.run_id}", [e.get("key") for e in r.events]
+    problems = [f"{name}: log has no {k} line" for k in HEADER_KEYS if k not in keys[:len(HEADER_KEYS) + 1]]
+    stops = [e for e in r.events if e.get("key") == ev.RUN_STOP]
+    status = (stops[-1].get("metadata") or {}).get("status") if stops else None
+    if status != "success":
+        problems.append(f"{name}: not complete (run_stop status {status or 'missing'})")
+    elif (r.summary or {}).get("status") != "success":
+        problems.append(f"{name}: summary.json status {(r.summary or {}).get('status')!r}, log says success")
+    return problems
+
+
+def expected_plan(r: store.RunRecord) -> plan_mod.RunPlan:
+    """The run's plan recomputed with bench.plan from its config (rule, base LR/batch, warmup,
+    schedule) and the batch arithmetic in run.json; nothing declared is trusted."""
+    p, cfg = plan_mod.RunPlan.from_dict(r.plan), r.config
+    lr = cfg.get("lr") or {}
+    spe, total, warmup, peak = plan_mod.run_schedule(
+        p.num_train, p.global_batch_size, p.num_workers, p.grad_accum_steps,
+        epochs=int(cfg.get("epochs", p.epochs)), max_steps=cfg.get("max_steps") or None,
+        base_lr=lr["base_lr"], base_batch_size=lr["base_batch_size"], scaling=lr.get("scaling", "linear"),
+        warmup_epochs=lr.get("warmup_epochs", 0.0), warmup_steps=lr.get("warmup_steps"))
+    return dataclasses.replace(
+        p, steps_per_epoch=spe, total_steps=total, scaling=lr.get("scaling", "linear"), reference_lr=lr["base_lr"],
+        reference_batch_size=lr["base_batch_size"], peak_lr=peak, warmup_steps=warmup,
+        schedule=lr.get("schedule", "constant"), milestones_epochs=tuple(lr.get("step_milestones_epochs", ())),
+        gamma=lr.get("step_gamma", 0.1))
+
+
+def _close(a: Any, b: float) -> bool:
+    try:
+        return math.isclose(float(a), b, rel_tol=LR_REL_TOL, abs_tol=1e-12)
+    except (TypeError, ValueError):
+        return False
+
+
+def _step_of(event: dict) -> int:
+    """The optimizer step an opt_learning_rate line names; -1 when absent or not a whole number."""
+    step = (event.get("metadata") or {}).get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else -1
+
+
+def _lr_problems(r: store.RunRecord) -> list[str]:
+    name = f"run {r.sweep}/{r.run_id}"
+    try:
+        want = expected_plan(r)
+    except (KeyError, TypeError, ValueError) as err:
+        return [f"{name}: cannot recompute the LR rule from run.json/config.yaml ({type(err).__name__}: {err})"]
+    rule = f"the {want.scaling} rule with {want.warmup_steps} warmup steps"
+    problems = [f"{name}: run.json declares {k} {getattr(plan_mod.RunPlan.from_dict(r.plan), k)}, {rule} gives "
+                f"{getattr(want, k)}" for k in ("peak_lr", "warmup_steps")
+                if not _close(r.plan.get(k), getattr(want, k))]
+    base = [e for e in r.events if e.get("key") == ev.OPT_BASE_LEARNING_RATE]
+    if base and not _close(base[0].get("value"), want.peak_lr):
+        problems.append(f"{name}: logged opt_base_learning_rate {base[0]['value']} but {rule} gives "
+                        f"{want.peak_lr:.8g}")
+    applied = [(_step_of(e), e.get("value")) for e in r.events if e.get("key") == ev.OPT_LEARNING_RATE]
+    if not applied:
+        return problems + [f"{name}: no opt_learning_rate lines: the applied LR cannot be checked"]
+    stepless = sum(1 for s, _ in applied if s < 0)
+    if stepless:
+        problems.append(f"{name}: {stepless} opt_learning_rate line(s) without a whole-number step")
+    wrong = [(s, v, want.lr(s)) for s, v in applied if s >= 0 and not _close(v, want.lr(s))]
+    if wrong:
+        s, v, w = wrong[0]
+        problems.append(f"{name}: LR applied at step {s} was {v}, {rule} gives {w:.8g} "
+                        f"({len(wrong)} of {len(applied)} logged steps differ)")
+    return problems
+
+
+def _seed_problems(records: Sequence[store.RunRecord]) -> list[str]:
+    """Every (global batch, workers) the sweep config declares has a run for every declared seed."""
+    problems, by_sweep = [], {}
+    for r in records:
+        by_sweep.setdefault(r.sweep, []).append(r)
+    for sweep, runs in sorted(by_sweep.items()):
+        cfg = runs[0].config
+        have = {(r.plan.get("global_batch_size"), r.plan.get("num_workers"), r.plan.get("seed")) for r in runs}
+        seeds = list(cfg.get("seeds", [0]))
+        for b in cfg.get("global_batch_sizes", []):
+            for w in cfg.get("num_workers", [1]):
+                missing = [s for s in seeds if (b, w, s) not in have]
+                if missing:
+                    problems.append(f"sweep {sweep}: global batch {b} x {w} worker(s): {len(seeds) - len(missing)} "
+                                    f"of {len(seeds)} declared seeds present (missing seeds {missing})")
+    return problems
+
+
+# --- convergence against a reference (RCP) ------------------------------------------------
+
+def reference_points(ref_df) -> Any:
+    """RCP table (global_batch_size, mean, std, n) from a reference's runs_frame: mean = olympic
+    mean of epochs-to-target (a non-converged run counts as slowest), std (ddof 1) and n over the
+    converged runs; batches smaller than the fastest-converging one are pruned, then (repeatedly)
+    interior points slower than the linear interpolation of their neighbours."""
+    import pandas as pd
+
+    from bench.analysis import olympic_mean
+
+    rows = [{"global_batch_size": b, "mean": olympic_mean(g["epochs_to_target"], missing_as_worst=True),
+             "std": g["epochs_to_target"].std(ddof=1), "n": int(g["epochs_to_target"].notna().sum())}
+            for b, g in ref_df.groupby("global_batch_size")]
+    pts = pd.DataFrame(rows, columns=["global_batch_size", "mean", "std", "n"]).dropna(subset=["mean"])
+    if pts.empty:
+        return pts
+    pts = pts[pts["global_batch_size"] >= pts.loc[pts["mean"].idxmin(), "global_batch_size"]].reset_index(drop=True)
+    while len(pts) >= 3:
+        b, m = pts["global_batch_size"].to_numpy(float), pts["mean"].to_numpy(float)
+        slow = [i for i in range(1, len(pts) - 1)
+                if m[i] > m[i - 1] + (m[i + 1] - m[i - 1]) * (b[i] - b[i - 1]) / (b[i + 1] - b[i - 1])]
+        if not slow:
+            break
+        pts = pts.drop(index=slow[0]).reset_index(drop=True)
+    return pts
+
+
+def convergence_problems(records: Sequence[store.RunRecord], ref_records: Sequence[store.RunRecord]) -> list[str]:
+    """MLPerf-RCP-style check of epochs-to-target, per workload and global batch size.
+
+    Reference: ``reference_points``; mean and std interpolated with np.interp between reference
+    batches (clamped below the smallest), n = the smaller n of the two neighbours; no RCP above
+    the largest reference batch (not checked). Submission: olympic mean of epochs-to-target over
+    its runs at that batch (any worker count; non-converged = slowest). At or above the
+    reference mean it passes. Below, a one-sided equal-variance t-test (scipy
+    ``ttest_ind_from_stats``, alternative 'less') of submission vs reference fails it when
+    p < 0.05; with one converged submission run its std is 0, so the allowance is
+    t(0.95, n_ref - 1) * std_ref * sqrt(1 + 1/n_ref). Without reference spread (n_ref < 2) any
+    mean below the reference fails.
+    """
+    import numpy as np
+    from scipy import stats
+
+    from bench.analysis import olympic_mean, runs_frame
+
+    df, ref = runs_frame(records), runs_frame(ref_records)
+    problems = []
+    for workload, sub in df.groupby("workload"):
+        ref_w = ref[ref["workload"] == workload]
+        if ref_w.empty:
+            problems.append(f"convergence: the reference has no runs of workload {workload!r}")
+            continue
+        if set(sub["target_accuracy"].dropna()) != set(ref_w["target_accuracy"].dropna()):
+            problems.append(f"convergence: {workload}: target accuracy {sorted(set(sub['target_accuracy']))} "
+                            f"differs from the reference's {sorted(set(ref_w['target_accuracy']))}")
+            continue
+        pts = reference_points(ref_w)
+        xb = pts["global_batch_size"].to_numpy(float)
+        for b, g in sub.groupby("global_batch_size"):
+            if pts.empty or b > xb.max():
+                continue
+            mean = olympic_mean(g["epochs_to_target"], missing_as_worst=True)
+            ref_mean = float(np.interp(b, xb, pts["mean"]))
+            if math.isnan(mean) or mean >= ref_mean:
+                continue
+            ref_std = float(np.interp(b, xb, pts["std"].fillna(0.0)))
+            lo, hi = max(0, np.searchsorted(xb, b, "right") - 1), min(len(xb) - 1, np.searchsorted(xb, b))
+            ref_n = int(min(pts["n"].iloc[lo], pts["n"].iloc[hi]))
+            conv = g["epochs_to_target"].dropna()
+            std = float(conv.std(ddof=1)) if len(conv) >= 2 else 0.0
+            p = 0.0 if ref_n < 2 else float(stats.ttest_ind_from_stats(
+                mean, std, len(conv), ref_mean, ref_std, ref_n, equal_var=True, alternative="less").pvalue)
+            if ref_n < 2 or p < RCP_ALPHA:
+                problems.append(
+                    f"convergence: {workload} global batch {b}: epochs-to-target {mean:.4g} (olympic mean, "
+                    f"n={len(conv)}) is faster than the reference {ref_mean:.4g} +/- {ref_std:.3g} (n={ref_n}) "
+                    f"allows: one-sided t-test p={p:.3g} < {RCP_ALPHA}")
+    return problems
