@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.perf import overhead, throughput
+from bench.perf import noise_overhead, overhead, throughput
 
 TINY = ["--device", "cpu", "--model", "small_cnn", "--image-size", "16"]
 
@@ -40,6 +40,23 @@ def test_throughput_refuses_bad_range(capsys):
     with pytest.raises(SystemExit):
         throughput.main([*TINY, "--min-batch-size", "64", "--max-batch-size", "32"])
     assert "below --min-batch-size" in capsys.readouterr().err
+
+
+def test_noise_overhead_times_the_worker_step_with_the_probe_off_and_on(tmp_path: Path, capsys):
+    out_json = tmp_path / "n.json"
+    code = noise_overhead.main([*TINY, "--micro-batch-size", "4", "--accum", "2", "--every", "2", "3",
+                                "--num-rounds", "2", "--steps-per-round", "5", "--json", str(out_json)])
+    assert code == 0
+    assert "overhead ratio every2=" in capsys.readouterr().out
+    data = json.loads(out_json.read_text())
+    assert data["steps_per_round"] == 6  # rounded up to a multiple of lcm(2, 3)
+    # warm-up block + 2 rounds = 18 steps: a probe on every 2nd / 3rd step, none when off
+    assert data["probe_events"] == {"off": 0, "every 2": 9, "every 3": 6}
+    assert set(data["overhead_ratio"]) == {"every 2", "every 3"}
+    assert all(len(v) == 2 and min(v) > 0 for v in data["step_ms"].values())
+    with pytest.raises(SystemExit):
+        noise_overhead.main([*TINY, "--accum", "1"])
+    assert "--accum must be >= 2" in capsys.readouterr().err
 
 
 def test_overhead_presets_and_side_b_config():

@@ -8,6 +8,7 @@ SCRIPTS = {
     "telemetry-overhead": "bench.perf.telemetry_overhead",  # sampler off / 10 Hz / 50 Hz
     "overhead": "bench.perf.overhead",  # plain PyTorch loop vs batchscale under Ray Train, A B A B
     "throughput": "bench.perf.throughput",  # samples/s and TFLOP/s across per-GPU batch sizes
+    "noise-overhead": "bench.perf.noise_overhead",  # worker step with the noise-scale probe off / on
 }
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from bench.perf.common import device_or_none, format_table, summarise
 from bench.telemetry import Sampler, gpu_ids_from_torch_uuid
 
 NUM_CLASSES = 10
@@ -146,32 +146,6 @@ def run_rounds(args: argparse.Namespace, device: torch.device, out_dir: Path) ->
     return {"step_ms": step_ms, "telemetry": telemetry}
 
 
-def summarise(step_ms: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    """Per setting: median/min/max step time (ms) and per-round ratios against 'off'."""
-    off = step_ms["off"]
-    stats = {}
-    for label, values in step_ms.items():
-        ratios = [on / base for on, base in zip(values, off)]
-        stats[label] = {
-            "median_ms": statistics.median(values), "min_ms": min(values), "max_ms": max(values),
-            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
-            "ratio_max": max(ratios)}
-    return stats
-
-
-def format_table(stats: dict[str, dict[str, float]], num_samples: dict[str, int]) -> str:
-    header = (f"{'sampler':>8} {'median_ms':>10} {'min_ms':>9} {'max_ms':>9} "
-              f"{'ratio_median':>13} {'ratio_min':>10} {'ratio_max':>10} {'samples':>8}")
-    lines = [header]
-    for label, s in stats.items():
-        lines.append(f"{label:>8} {s['median_ms']:10.3f} {s['min_ms']:9.3f} {s['max_ms']:9.3f} "
-                     f"{s['ratio_median']:13.4f} {s['ratio_min']:10.4f} {s['ratio_max']:10.4f} "
-                     f"{num_samples.get(label, 0):8d}")
-    on = [label for label in stats if label != "off"]
-    lines.append("overhead ratio " + " ".join(f"{k}={stats[k]['ratio_median']:.4f}" for k in on))
-    return "\n".join(lines)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="batchscale-perf telemetry-overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -203,11 +177,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+    found = device_or_none(args.device)
+    if found is None:
         return 2
-    device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    device, name = found
     with tempfile.TemporaryDirectory(prefix="batchscale-telemetry-overhead-") as tmp:
         result = run_rounds(args, device, Path(tmp))
     stats = summarise(result["step_ms"])
@@ -220,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
           f"telemetry kind {'+'.join(kinds) or 'none'}")
     for error in errors:
         print(f"warning: sampler reported: {error}")
-    print(format_table(stats, num_samples))
+    print(format_table(stats, num_samples, label="sampler", count="samples"))
     if args.json is not None:
         args.json.write_text(json.dumps({
             "device": name, "model": args.model, "micro_batch_size": args.micro_batch_size,
