@@ -68,7 +68,7 @@ of 90 it would be 32 and split the 64 that fits whole; per batch, 64 runs whole 
 as 4 x 64 and 6 x 80. A P with no large divisor (a prime, say) gets small micro-batches:
 the probe command prints each choice so that shows before a sweep runs.
 
-After the search, one evaluation chunk (``bench.worker.EVAL_CHUNK`` samples, forward only,
+After the search, one evaluation chunk (``bench.feed.EVAL_CHUNK`` samples, forward only,
 no grad) is run once and reported as ``eval_check``: the worker evaluates in chunks of that
 size whatever the micro-batch, so a large model can fit its micro-batch and still fail there.
 
@@ -127,7 +127,7 @@ class ProbeResult:
     measurement: str = ""
     reserved_bytes: dict[str, int] = field(default_factory=dict)
     try_details: list[dict] = field(default_factory=list)  # per try: allocated, seconds, error
-    eval_check: Optional[dict] = None  # one evaluation chunk's forward (bench.worker.EVAL_CHUNK)
+    eval_check: Optional[dict] = None  # one evaluation chunk's forward (bench.feed.EVAL_CHUNK)
     per_worker_batches: list[int] = field(default_factory=list)
     sweep: str = ""
     config_hash: str = ""
@@ -690,7 +690,7 @@ def probe(sweep, *, device: str | torch.device = "cuda", memory_cap_bytes: Optio
 
         largest, first_fail = (0, None) if reserve_fails else search(fits, start, max_batch)
         if check_eval and step is None and not reserve_fails:
-            eval_check = _check_eval(the_step, sweep, memory_cap_bytes)
+            eval_check = _check_eval(the_step, sweep, spec.streaming, memory_cap_bytes)
     finally:
         if frozen:
             gc.unfreeze()
@@ -729,16 +729,16 @@ def probe(sweep, *, device: str | torch.device = "cuda", memory_cap_bytes: Optio
         notes=notes)
 
 
-def _check_eval(the_step, sweep, cap: Optional[int]) -> Optional[dict]:
+def _check_eval(the_step, sweep, streaming: bool, cap: Optional[int]) -> Optional[dict]:
     """Does one evaluation chunk's forward (no grad) fit? The worker evaluates in chunks of
-    bench.worker.EVAL_CHUNK samples whatever the micro-batch."""
+    bench.feed.EVAL_CHUNK samples (streamed data: STREAM_EVAL_BATCH) whatever the micro-batch."""
     run_eval = getattr(the_step, "run_eval", None)
     if run_eval is None:
         return None
-    from bench.worker import EVAL_CHUNK
+    from bench.feed import EVAL_CHUNK, STREAM_EVAL_BATCH
 
     num_train, num_test = sweep.dataset_sizes()
-    n = max(1, min(EVAL_CHUNK, max(num_train, num_test)))
+    n = max(1, min(STREAM_EVAL_BATCH if streaming else EVAL_CHUNK, max(num_train, num_test)))
     t, info = _run_try(run_eval, n, cap)
     return {"chunk": n, "ok": t.ok, "peak_bytes": t.peak_bytes, "error": info["error"]}
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from bench import events as ev
 from bench import noise, workloads
-from bench.feed import EVAL_CHUNK, Batch, make_feed  # noqa: F401 (EVAL_CHUNK: read by the memory probe)
+from bench.feed import Batch, make_feed
 from bench.models import build_model
 from bench.plan import RunPlan
 from bench.store import RunDir
