@@ -53,7 +53,7 @@ def _load(args: argparse.Namespace):
             cluster, cluster_path = load_cluster(args.cluster)
         else:
             cluster, cluster_path = default_cluster()
-        plans = plan_sweep(sweep, max_micro_batch_size=_auto_micro_batch(sweep, args))
+        plans = plan_sweep(sweep, max_micro_batch_size=_auto_micro_batch(sweep, args, cluster.use_gpu))
     except PlanError as err:
         raise UserError(f"{locals().get('sweep_path', args.sweep)}: {err}") from None
     except ConfigError as err:
@@ -61,15 +61,15 @@ def _load(args: argparse.Namespace):
     return sweep, sweep_path, cluster, cluster_path, plans
 
 
-def _auto_micro_batch(sweep, args: argparse.Namespace) -> dict[int, int] | None:
-    """`max_micro_batch_size: auto` reads the memory probe's answer for this sweep's setup:
-    a micro-batch per per-worker batch."""
+def _auto_micro_batch(sweep, args: argparse.Namespace, use_gpu: bool) -> dict[int, int] | None:
+    """`max_micro_batch_size: auto` reads the memory probe's answer for this sweep's setup and
+    device kind: a micro-batch per per-worker batch."""
     if sweep.max_micro_batch_size != "auto":
         return None
-    from bench.memprobe import ProbeMismatch, micro_batch_for_auto
+    from bench.memfit import ProbeMismatch, micro_batch_for_auto
 
     try:
-        micro, _path = micro_batch_for_auto(sweep, Path(getattr(args, "results_dir", "results")))
+        micro, _path = micro_batch_for_auto(sweep, Path(getattr(args, "results_dir", "results")), use_gpu=use_gpu)
     except ProbeMismatch as err:
         raise UserError(f"{args.sweep}: {err}") from None
     return micro

@@ -5,17 +5,20 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
-from bench import cli, memprobe
+from bench import cli, memfit, memmeasure, memprobe, memstep
 from bench.config import load_sweep
-from bench.memprobe import ProbeResult, Try, micro_batch_per_worker_batch, probe
+from bench.memfit import ProbeResult, Try, micro_batch_per_worker_batch
+from bench.memmeasure import probe
 from bench.plan import split_batch
-from tests.conftest import TINY_SWEEP, write_yaml
+from conftest import TINY_SWEEP, write_yaml
 
 MIB = 2**20
 
@@ -80,20 +83,20 @@ def test_search_matches_every_threshold(start: int) -> None:
             calls.append(b)
             return b <= threshold
 
-        largest, first_fail = memprobe.search(fits, start, 128)
+        largest, first_fail = memfit.search(fits, start, 128)
         assert largest == min(threshold, 128)
         assert first_fail == (threshold + 1 if threshold < 128 else None)
         assert len(calls) <= 2 * math.log2(128) + 2
 
 
 def test_fit_and_prediction_helpers() -> None:
-    assert memprobe.fit_linear([(1, 5.0)]) is None
-    assert memprobe.fit_linear([(4, 5.0), (4, 7.0)]) is None
-    fixed, slope = memprobe.fit_linear([(b, 3.0 + 2.0 * b + (0.5 if b % 2 else -0.5)) for b in range(1, 11)])
+    assert memfit.fit_linear([(1, 5.0)]) is None
+    assert memfit.fit_linear([(4, 5.0), (4, 7.0)]) is None
+    fixed, slope = memfit.fit_linear([(b, 3.0 + 2.0 * b + (0.5 if b % 2 else -0.5)) for b in range(1, 11)])
     assert slope == pytest.approx(2.0, abs=0.05) and fixed == pytest.approx(3.0, abs=0.3)
-    assert memprobe.predict_largest(100, 10, 1000) == 90
-    assert memprobe.predict_largest(100, 0.0, 1000) is None  # memory does not grow with the batch
-    assert memprobe.predict_largest(2000, 10, 1000) == 0
+    assert memfit.predict_largest(100, 10, 1000) == 90
+    assert memfit.predict_largest(100, 0.0, 1000) is None  # memory does not grow with the batch
+    assert memfit.predict_largest(2000, 10, 1000) == 0
 
 
 def test_fit_uses_measured_over_cap_tries_when_only_one_batch_fit(sweep) -> None:
@@ -152,10 +155,10 @@ def test_other_errors_are_not_mistaken_for_oom(sweep) -> None:
 
 
 def test_cpu_allocator_failure_counts_as_oom() -> None:
-    assert memprobe._is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: "
+    assert memmeasure._is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: "
                                          "can't allocate memory: you tried to allocate 1000 bytes"))
-    assert memprobe._is_oom(MemoryError())
-    assert not memprobe._is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert memmeasure._is_oom(MemoryError())
+    assert not memmeasure._is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
 def test_probe_refuses_bad_arguments(sweep) -> None:
@@ -202,13 +205,13 @@ def test_per_batch_choice_and_the_sweep_batches(sweep) -> None:
     assert micro_batch_per_worker_batch(result_with(200, [384, 1000])) == {384: 192, 1000: 200}
     assert micro_batch_per_worker_batch(result_with(90, [32, 64])) == {32: 32, 64: 64}
     two_workers = sweep.model_copy(update={"num_workers": [1, 2], "global_batch_sizes": [32, 64, 96]})
-    assert memprobe.per_worker_batches(two_workers) == [16, 32, 48, 64, 96]
+    assert memfit.per_worker_batches(two_workers) == [16, 32, 48, 64, 96]
 
 
 # --- real measurement on CPU --------------------------------------------------------------------
 
 def test_rss_meter_sees_an_allocation_and_its_release() -> None:
-    meter = memprobe.RssMeter()
+    meter = memstep.RssMeter()
     meter.mark_baseline()
     meter.start()
     block = torch.ones(64 * MIB // 4)
@@ -242,7 +245,7 @@ def test_worker_features_run_in_the_probe_step(tmp_path: Path) -> None:
     sweep = load_sweep(write_yaml(tmp_path / "cnn.yaml", text))[0]
     r = probe(sweep, device="cpu", memory_cap_bytes=512 * MIB, max_batch=16)
     assert (r.largest_fit, r.first_fail) == (16, None)
-    params = sum(p.numel() for p in memprobe._Training(sweep, memprobe.input_spec(sweep),
+    params = sum(p.numel() for p in memstep._Training(sweep, memstep.input_spec(sweep),
                                                       torch.device("cpu")).model.parameters())
     assert r.reserved_bytes["ddp_buckets"] == 4 * params
     assert r.setup["precision"] == "bf16" and r.setup["channels_last"] is True
@@ -252,8 +255,8 @@ def test_worker_features_run_in_the_probe_step(tmp_path: Path) -> None:
 def test_training_step_input_paths(sweep, tmp_path: Path, augment: str, streaming: bool) -> None:
     cnn = load_sweep(write_yaml(tmp_path / "c.yaml", TINY_SWEEP.replace(
         "workload: blobs", "workload: digits\nmodel: small_cnn\nchannels_last: true")))[0]
-    spec = memprobe.InputSpec((3, 8, 8), 10, augment, streaming, mean=(0.5,) * 3, std=(0.25,) * 3)
-    training = memprobe._Training(cnn, spec, torch.device("cpu"))
+    spec = memstep.InputSpec((3, 8, 8), 10, augment, streaming, mean=(0.5,) * 3, std=(0.25,) * 3)
+    training = memstep._Training(cnn, spec, torch.device("cpu"))
     x = training.batch(4)
     assert x.shape == (4, 3, 8, 8) and x.dtype == torch.float32
     # crop+flip returns a fresh (contiguous) tensor in the worker too
@@ -266,21 +269,21 @@ def test_training_step_input_paths(sweep, tmp_path: Path, augment: str, streamin
 
 def test_probe_file_round_trip_and_mismatch(sweep, tmp_path: Path) -> None:
     r = probe(sweep, device="cpu", memory_cap_bytes=1000, step=fake_memory())
-    path = memprobe.write_probe(r, tmp_path / "deep" / "memory-probe.json")
+    path = memfit.write_probe(r, tmp_path / "deep" / "memory-probe.json")
     assert [p.name for p in path.parent.iterdir()] == ["memory-probe.json"]  # no temp file left
     data = json.loads(path.read_text())
     assert data["choice"] == {"by_per_worker_batch": {"32": 32, "64": 64}}
     assert data["tries"][0] == {"micro_batch": 1, "ok": True, "peak_bytes": 110,
                                 "peak_allocated_bytes": None, "seconds": data["tries"][0]["seconds"],
                                 "error": None}
-    back = memprobe.load_probe(path, sweep)
+    back = memfit.load_probe(path, sweep)
     assert back.tries == r.tries and back.largest_fit == 90
     assert micro_batch_per_worker_batch(back) == {32: 32, 64: 64}
     other = sweep.model_copy(update={"precision": "bf16"})
-    with pytest.raises(memprobe.ProbeMismatch, match="probe-memory again"):
-        memprobe.load_probe(path, other)
+    with pytest.raises(memfit.ProbeMismatch, match="probe-memory again"):
+        memfit.load_probe(path, other)
     lr_only = sweep.model_copy(update={"epochs": 7})  # lr, epochs, batches do not change memory
-    memprobe.load_probe(path, lr_only)
+    memfit.load_probe(path, lr_only)
 
 
 @pytest.fixture
@@ -329,6 +332,15 @@ def test_cli_nothing_fits_exits_1_and_keeps_the_curve(with_probe_command, tiny_s
     assert json.loads(out.read_text())["largest_fit"] == 0
 
 
+def test_planning_and_the_parser_do_not_import_torch() -> None:
+    """`batchscale run` plans with bench.memfit and every command builds the parser, which
+    registers probe-memory: none of that may pay for importing torch."""
+    code = ("import sys, bench.memfit, bench.memprobe, bench.cli; bench.cli.build_parser(); "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
 def test_try_is_a_plain_triple() -> None:
     micro_batch, ok, peak = Try(8, True, 123)
     assert (micro_batch, ok, peak) == (8, True, 123)
@@ -337,22 +349,22 @@ def test_try_is_a_plain_triple() -> None:
 def test_micro_batch_for_auto(sweep, tmp_path: Path) -> None:
     from bench.plan import plan_sweep
 
-    with pytest.raises(memprobe.ProbeMismatch, match="run `batchscale probe-memory"):
-        memprobe.micro_batch_for_auto(sweep, tmp_path)
+    with pytest.raises(memfit.ProbeMismatch, match="run `batchscale probe-memory"):
+        memfit.micro_batch_for_auto(sweep, tmp_path)
     r = probe(sweep, device="cpu", memory_cap_bytes=1000, step=fake_memory(), safety_margin=0.0)
-    path = memprobe.write_probe(r, memprobe.default_output(sweep, tmp_path))
+    path = memfit.write_probe(r, memfit.default_output(sweep, tmp_path))
     assert path == tmp_path / "tiny" / "memory-probe.json"
     bigger = sweep.model_copy(update={"global_batch_sizes": [32, 64, 256, 480]})  # same memory key
-    chosen, _ = memprobe.micro_batch_for_auto(bigger, tmp_path)
+    chosen, _ = memfit.micro_batch_for_auto(bigger, tmp_path)
     assert chosen == {32: 32, 64: 64, 256: 64, 480: 80}  # largest fit 90: 64 runs whole
     plans = plan_sweep(bigger, max_micro_batch_size=chosen)
     assert [(p.per_worker_batch_size, p.micro_batch_size, p.grad_accum_steps) for p in plans] == \
         [(32, 32, 1), (64, 64, 1), (256, 64, 4), (480, 80, 6)]
-    with pytest.raises(memprobe.ProbeMismatch, match="different model"):
-        memprobe.micro_batch_for_auto(sweep.model_copy(update={"model": "mlp", "workload": "digits"}), tmp_path)
+    with pytest.raises(memfit.ProbeMismatch, match="different model"):
+        memfit.micro_batch_for_auto(sweep.model_copy(update={"model": "mlp", "workload": "digits"}), tmp_path)
     path.write_text("{not json")
-    with pytest.raises(memprobe.ProbeMismatch, match="not a readable memory probe"):
-        memprobe.micro_batch_for_auto(sweep, tmp_path)
+    with pytest.raises(memfit.ProbeMismatch, match="not a readable memory probe"):
+        memfit.micro_batch_for_auto(sweep, tmp_path)
 
 
 def test_cuda_path_with_a_simulated_gpu(sweep, monkeypatch) -> None:
@@ -391,8 +403,8 @@ def test_cuda_path_with_a_simulated_gpu(sweep, monkeypatch) -> None:
         def reset(self) -> None:
             self.grads = False
 
-    monkeypatch.setattr(memprobe, "_Training", FakeTraining)
-    monkeypatch.setattr(memprobe, "input_spec", lambda s, seed=0: memprobe.InputSpec((2,), 3, "none", False))
+    monkeypatch.setattr(memmeasure, "_Training", FakeTraining)
+    monkeypatch.setattr(memmeasure, "input_spec", lambda s, seed=0: memstep.InputSpec((2,), 3, "none", False))
     r = probe(sweep, device="cuda", memory_cap_bytes=512 * MIB, safety_margin=0.0)
     assert (r.largest_fit, r.first_fail) == (462, 463)  # 50 MiB + 462 MiB = the 512 MiB cap
     assert state["fractions"] == [0.5, 1.0]  # the cap as allocator fraction, then restored
@@ -419,9 +431,28 @@ def test_auto_sweep_dry_run_shows_each_batch_split(tiny_sweep: Path, tmp_path: P
     assert "needs a memory probe" in capsys.readouterr().err
     sweep = load_sweep(auto)[0]
     r = probe(sweep, device="cpu", memory_cap_bytes=1000, step=fake_memory(), safety_margin=0.0)
-    memprobe.write_probe(r, memprobe.default_output(sweep, results))
+    memfit.write_probe(r, memfit.default_output(sweep, results))
     assert cli.main(["run", str(auto), "--results-dir", str(results), "--dry-run"]) == 0
     out = capsys.readouterr().out
     for line in ("per-worker 32 = 1 x 32", "per-worker 64 = 1 x 64", "per-worker 256 = 4 x 64",
                  "per-worker 480 = 6 x 80"):
         assert line in out
+
+
+def test_auto_refuses_a_probe_from_the_other_kind_of_device(sweep, tmp_path: Path) -> None:
+    r = probe(sweep, device="cpu", memory_cap_bytes=1000, step=fake_memory(), safety_margin=0.0)
+    memfit.write_probe(r, memfit.default_output(sweep, tmp_path))
+    assert memfit.micro_batch_for_auto(sweep, tmp_path, use_gpu=False)[0] == {32: 32, 64: 64}
+    with pytest.raises(memfit.ProbeMismatch, match=r"measured on cpu \(memory cap\), but the cluster runs "
+                                                   r"workers on GPUs; probe again there"):
+        memfit.micro_batch_for_auto(sweep, tmp_path, use_gpu=True)
+
+
+def test_nothing_fits_says_why() -> None:
+    reserve_only = ProbeResult(tries=[], largest_fit=0, first_fail=None, fixed_bytes=None, per_sample_bytes=None,
+                               predicted_largest=None, device="NVIDIA H100 80GB HBM3", total_bytes=0)
+    assert memfit.nothing_fits(reserve_only) == ("the memory reserved for DDP buffers and resident data alone "
+                                                 "does not fit on NVIDIA H100 80GB HBM3")
+    one = ProbeResult(tries=[Try(1, False, 10)], largest_fit=0, first_fail=1, fixed_bytes=None,
+                      per_sample_bytes=None, predicted_largest=None, device="cpu (memory cap)", total_bytes=0)
+    assert memfit.nothing_fits(one) == "even 1 sample(s) ran out of memory on cpu (memory cap)"
