@@ -269,7 +269,7 @@ def seed_stats(df: pd.DataFrame, value_col: str, by: Sequence[str] = GROUP_KEYS,
 
 
 _TABLE_STATS = ("final_train_acc", "final_test_acc", "gap_acc", "steps_to_target", "epochs_to_target",
-                "time_to_target_s", "samples_per_s", "test_acc_std_last_k")
+                "time_to_target_s", "samples_per_s", "test_acc_std_last_k", "noise_scale_b_simple")
 
 
 def batch_table(runs_df: pd.DataFrame) -> pd.DataFrame:
@@ -327,6 +327,31 @@ def fit_steps_curve(batch: Iterable[float], steps: Iterable[float], *, relative:
     out.update(S_min=s_min, B_crit=b_crit, S_min_err=float(math.sqrt(cov[0, 0])),
                B_crit_err=float(math.sqrt(max(var_b, 0.0))) if np.isfinite(var_b) else math.nan,
                rel_rms=float(np.sqrt(np.mean(((s - pred) / s) ** 2))))
+    return out
+
+
+NOISE_AGREEMENT = 3.0  # McCandlish et al. 2018 found B_simple within about this factor of B_crit
+
+
+def critical_batch(sweep_runs: pd.DataFrame, fit: dict[str, Any]) -> dict[str, Any]:
+    """One sweep's two estimates of the critical batch: B_crit from the steps(B) fit and the in-run
+    B_simple (median over runs of each run's late-training median), their ratio, whether they
+    agree within NOISE_AGREEMENT, and otherwise why not (a sentence for the report)."""
+    b_crit = to_float(fit.get("B_crit"))
+    b_simple = to_float(sweep_runs["noise_scale_b_simple"].median()) if len(sweep_runs) else math.nan
+    out = {"B_crit": b_crit, "B_simple": b_simple, "ratio": math.nan, "agree": None, "why_not": None}
+    if not math.isfinite(b_simple):
+        out["why_not"] = ("no run measured the gradient noise scale (set noise_scale_every_steps; one worker "
+                          "also needs gradient accumulation, so that there are two batch sizes to compare)")
+    elif not math.isfinite(b_crit):
+        out["why_not"] = f"B_crit could not be fitted: {fit.get('reason') or 'no fit'}"
+    else:
+        out["ratio"] = b_simple / b_crit
+        out["agree"] = 1 / NOISE_AGREEMENT <= out["ratio"] <= NOISE_AGREEMENT
+        if not out["agree"]:
+            out["why_not"] = (f"they differ by {max(out['ratio'], 1 / out['ratio']):.1f}x: B_simple is the noise "
+                              "scale late in training under a simplifying isotropic-Hessian assumption, while B_crit "
+                              "summarises the whole run to the target, whose accuracy also sets it")
     return out
 
 

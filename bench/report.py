@@ -56,10 +56,34 @@ def write_report(paths: list[Path], out: Path, *, target_accuracy: float | None 
 
 # --- figures ------------------------------------------------------------------------------
 
-def build_figures(records: list[RunRecord], runs: pd.DataFrame, speed: pd.DataFrame) -> list[rf.FigureResult]:
+def critical_batches(runs: pd.DataFrame) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Per sweep: the steps(B) fit, and its B_crit set beside the in-run B_simple."""
+    fits = {s: an.fit_steps_curve(g["global_batch_size"], g["steps_to_target"]) for s, g in runs.groupby("sweep")}
+    return fits, {s: an.critical_batch(g, fits[s]) for s, g in runs.groupby("sweep")}
+
+
+def _critical_html(critical: dict[str, dict], fits: dict[str, dict]) -> str:
+    items = []
+    for sweep, c in critical.items():
+        known = [f"B_crit from the steps-to-target fit = {rf.fmt(c['B_crit'])} ± {rf.fmt(fits[sweep]['B_crit_err'], 2)}"
+                 if math.isfinite(c["B_crit"]) else None,
+                 f"in-run gradient noise scale B_simple = {rf.fmt(c['B_simple'])}" if math.isfinite(c["B_simple"])
+                 else None]
+        text = "; ".join(k for k in known if k) or "no estimate"
+        if c["agree"]:
+            text += (f"; ratio B_simple / B_crit = {c['ratio']:.2f}: they agree within {an.NOISE_AGREEMENT:g}x, "
+                     "as in McCandlish et al. (2018)")
+        elif c["why_not"]:
+            text += f"; no agreement to report: {c['why_not']}"
+        items.append(f"<li><b>{_e(sweep)}</b>: {_e(text)}.</li>")
+    return "<ul>" + "".join(items) + "</ul>"
+
+
+def build_figures(records: list[RunRecord], runs: pd.DataFrame, speed: pd.DataFrame,
+                  fits: dict[str, dict] | None = None) -> list[rf.FigureResult]:
     """Every figure of the report, in page order. One that raises becomes a visible note."""
     style = rf.Style.for_runs(runs)
-    fits = {s: an.fit_steps_curve(g["global_batch_size"], g["steps_to_target"]) for s, g in runs.groupby("sweep")}
+    fits = critical_batches(runs)[0] if fits is None else fits
     makers: list[tuple[str, str, Callable[[], rf.FigureResult]]] = [
         ("curves", "Learning curves", lambda: rf.fig_learning_curves(an.curves_frame(records), style)),
         ("gap", "Generalisation gap", lambda: rf.fig_generalisation(runs, style)),
@@ -245,11 +269,12 @@ def _sortable(headers: list[str], rows: list[str], cls: str = "") -> str:
             + "".join(f"<tr>{r}</tr>" for r in rows) + "</tbody></table>")
 
 
-def _batch_table_html(table: pd.DataFrame, speed: pd.DataFrame) -> str:
+def _batch_table_html(table: pd.DataFrame, speed: pd.DataFrame, critical: dict[str, dict] | None = None) -> str:
     headers = ["sweep", "global batch", "workers", "per-worker batch", "peak LR", "runs", "reached target",
                "final test acc", "gap (train − test)", "epochs to target", "olympic epochs", "steps to target",
                "steps speed-up (regime)", "time to target (s)", "samples/s", "peak memory (GiB)",
-               "test acc std, last 20 %"]
+               "test acc std, last 20 %", "B_simple (in-run)", "vs fitted B_crit"]
+    b_crit = {s: c["B_crit"] for s, c in (critical or {}).items()}
     if len(speed):
         table = table.merge(speed[["sweep", "global_batch_size", "speedup", "regime"]], how="left",
                             on=["sweep", "global_batch_size"])
@@ -269,8 +294,16 @@ def _batch_table_html(table: pd.DataFrame, speed: pd.DataFrame) -> str:
             _num_cell(t.epochs_to_target_olympic), _num_cell(t.steps_to_target_mean, 4, t.steps_to_target_std),
             f'<td data-v="{"" if pd.isna(t.speedup) else t.speedup}">{_e(speedup)}</td>',
             _num_cell(t.time_to_target_s_mean, 3, t.time_to_target_s_std), _num_cell(t.samples_per_s_mean, 4),
-            _num_cell(t.peak_memory_gib_max), _num_cell(t.test_acc_std_last_k_mean, decimals=4)]))
+            _num_cell(t.peak_memory_gib_max), _num_cell(t.test_acc_std_last_k_mean, decimals=4),
+            _num_cell(t.noise_scale_b_simple_mean, 3, t.noise_scale_b_simple_std),
+            _text_cell(_versus(t.global_batch_size, b_crit.get(t.sweep, math.nan)))]))
     return _sortable(headers, rows)
+
+
+def _versus(batch: float, b_crit: float) -> str:
+    if not math.isfinite(b_crit):
+        return "—"
+    return "beyond B_crit" if batch > b_crit else "at or below"
 
 
 def _runs_table_html(runs: pd.DataFrame, failed_only: bool) -> str:
@@ -326,15 +359,17 @@ def render_report(records: list[RunRecord], *, target_accuracy: float | None = N
     else:
         by_sweep = {s: [r for r in records if r.sweep == s] for s in sweeps}
         speed = an.speedup_frame(runs)
+        fits, critical = critical_batches(runs)
         parts += ['<div class="cols"><div><h2>What was run</h2>',
                   _kv_table({s: _run_setup(rs) for s, rs in by_sweep.items()}),
                   "</div><div><h2>On what</h2>", _kv_table({s: _environment(rs) for s, rs in by_sweep.items()}),
                   _all_env_keys(records), "</div></div>",
                   "<h2>Summary per global batch size</h2>", '<div class="scroll">',
-                  _batch_table_html(an.batch_table(runs), speed),
-                  "</div>", "<h2>Failed, diverged, out-of-memory and incomplete runs</h2>",
+                  _batch_table_html(an.batch_table(runs), speed, critical),
+                  "</div>", "<h2>Critical batch size</h2>", _critical_html(critical, fits),
+                  "<h2>Failed, diverged, out-of-memory and incomplete runs</h2>",
                   '<div class="scroll">', _runs_table_html(runs, failed_only=True), "</div>", "<h2>Figures</h2>"]
-        parts += [_figure_html(f) for f in build_figures(records, runs, speed)]
+        parts += [_figure_html(f) for f in build_figures(records, runs, speed, fits)]
         parts += ["<h2>All runs</h2>", f"<details><summary>{len(runs)} runs</summary><div class=\"scroll\">",
                   _runs_table_html(runs, failed_only=False), "</div></details>"]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -223,6 +223,21 @@ def _plot_fit(ax, speed: pd.DataFrame, fits: dict, style: Style) -> None:
                         textcoords="offset points", xytext=(4, shift), fontsize=7, color="0.35")
 
 
+def _mark_critical(axes, runs: pd.DataFrame, fits: dict) -> None:
+    """Shade the batches beyond the fitted B_crit; a dotted line at the in-run B_simple."""
+    top = runs["global_batch_size"].max()
+    for sweep, g in runs.groupby("sweep"):
+        b_crit = fits.get(sweep, {}).get("B_crit", math.nan)
+        b_simple = g["noise_scale_b_simple"].median()
+        for i, ax in enumerate(axes):
+            if math.isfinite(b_crit) and b_crit < top:
+                ax.axvspan(b_crit, top, color="0.85", alpha=0.35, lw=0,
+                           label="beyond B_crit" if i == 0 and sweep == runs["sweep"].iloc[0] else None)
+            if math.isfinite(b_simple):
+                ax.axvline(b_simple, color="tab:purple", lw=1, ls=":",
+                           label=f"B_simple={b_simple:.3g}" if i == 0 else None)
+
+
 def fig_steps_to_target(runs: pd.DataFrame, speed: pd.DataFrame, fits: dict, style: Style) -> FigureResult:
     title = "Steps and epochs to the target accuracy vs global batch size"
     if runs["steps_to_target"].isna().all():
@@ -231,6 +246,7 @@ def fig_steps_to_target(runs: pd.DataFrame, speed: pd.DataFrame, fits: dict, sty
     fig, axes = _new_figure(2)
     _mean_lines(axes[0, 0], runs, "steps_to_target", style)
     _plot_fit(axes[0, 0], speed, fits, style)
+    _mark_critical(axes.flat, runs, fits)
     axes[0, 0].set_ylabel("steps to target" + _log_y(axes[0, 0], runs["steps_to_target"], force=True))
     axes[0, 0].legend(loc="best", fontsize=7)
     _mean_lines(axes[0, 1], runs, "epochs_to_target", style)

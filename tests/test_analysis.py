@@ -177,3 +177,16 @@ def test_sweep_end_to_end_fit(tmp_path):
 def test_empty_and_diverged_values():
     assert list(an.runs_frame([]).columns) == an.RUN_COLUMNS
     assert math.isnan(an.to_float("nan")) and math.isnan(an.to_float(None)) and an.to_float("2.5") == 2.5
+
+
+def test_critical_batch_compares_b_simple_with_the_fitted_b_crit():
+    runs = pd.DataFrame({"noise_scale_b_simple": [40.0, 50.0, 60.0]})
+    fit = {"B_crit": 100.0, "reason": None}
+    c = an.critical_batch(runs, fit)
+    assert (c["B_simple"], c["ratio"], c["agree"], c["why_not"]) == (50.0, 0.5, True, None)
+    far = an.critical_batch(runs, {"B_crit": 400.0})
+    assert far["agree"] is False and far["why_not"].startswith("they differ by 8.0x")
+    none = an.critical_batch(pd.DataFrame({"noise_scale_b_simple": [math.nan]}), fit)
+    assert none["agree"] is None and "no run measured the gradient noise scale" in none["why_not"]
+    unfit = an.critical_batch(runs, {"B_crit": math.nan, "reason": "fewer than two batch sizes reached the target"})
+    assert unfit["why_not"] == "B_crit could not be fitted: fewer than two batch sizes reached the target"

@@ -88,6 +88,8 @@ def test_nothing_reached_and_several_sweeps(tmp_path):
     page = write_report([a, b], tmp_path / "r.html").read_text()
     assert "cluster-a" in page and "cluster-b" in page
     assert page.count("Not shown: No run reached the target accuracy") == 2  # steps and time figures
+    assert page.count("no agreement to report: B_crit could not be fitted: fewer than two batch sizes "
+                      "reached the target") == 2
     assert "<td>NVIDIA H100</td>" in page and "<td>580.1</td>" in page
     assert "could not be drawn" not in page
 
