@@ -81,7 +81,7 @@ def test_alias_bomb_refused(tmp_path: Path, capsys):
 
 def test_packaged_sweeps_validate_and_plan(capsys, tmp_path):
     for name in ("seed-blobs", "digits-linear", "digits-huge-batch-no-warmup", "digits-huge-batch-warmup",
-                 "shapes-h100-noise"):
+                 "shapes-h100-noise", "digits-linear-noise"):
         sweep, path = load_sweep(name)
         assert path.name == f"{name}.yaml"
         assert main(["run", name, "--dry-run"]) == 0
