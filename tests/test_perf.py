@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.perf import noise_overhead, overhead, throughput
+from bench.perf import loader, noise_overhead, overhead, throughput
 
 TINY = ["--device", "cpu", "--model", "small_cnn", "--image-size", "16"]
 
@@ -57,6 +57,21 @@ def test_noise_overhead_times_the_worker_step_with_the_probe_off_and_on(tmp_path
     with pytest.raises(SystemExit):
         noise_overhead.main([*TINY, "--accum", "1"])
     assert "--accum must be >= 2" in capsys.readouterr().err
+
+
+def test_loader_times_the_streamed_imagenet_pipeline(tmp_path: Path, capsys):
+    out_json = tmp_path / "l.json"
+    code = loader.main(["--generate", "12", "--processes", "0", "1", "--batch-size", "4", "--batches", "2",
+                        "--gpu-rate", "100", "--json", str(out_json)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "generated 12 JPEGs (500x375" in out and "a GPU at 100 images/s needs ~" in out
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [(r["processes"], r["images"]) for r in rows] == [(0, 8), (1, 8)]  # 2 timed batches of 4
+    assert all(r["images_per_s"] > 0 for r in rows)
+    root = loader.generate_jpegs(tmp_path / "few", 3)
+    assert loader.main(["--root", str(root), "--processes", "0", "--batch-size", "4"]) == 2
+    assert "too few for two batches of 4" in capsys.readouterr().err
 
 
 def test_overhead_presets_and_side_b_config():

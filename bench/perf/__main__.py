@@ -9,6 +9,7 @@ SCRIPTS = {
     "overhead": "bench.perf.overhead",  # plain PyTorch loop vs batchscale under Ray Train, A B A B
     "throughput": "bench.perf.throughput",  # samples/s and TFLOP/s across per-GPU batch sizes
     "noise-overhead": "bench.perf.noise_overhead",  # worker step with the noise-scale probe off / on
+    "loader": "bench.perf.loader",  # streamed ImageNet pipeline: images/s per DataLoader process
 }
 
 
