@@ -73,6 +73,7 @@ class ProbeResult:
     memory_key: str = ""
     setup: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    limit_check: Optional[dict] = None  # the doubling phase's fit vs the searched limit (limit_check())
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -147,6 +148,29 @@ def predict_largest(fixed: float, per_sample: float, budget_bytes: float) -> Opt
     if per_sample <= 0 or not math.isfinite(per_sample):
         return None
     return max(0, int(math.floor((budget_bytes - fixed) / per_sample)))
+
+
+def limit_check(tries: Sequence[Try], largest_fit: int, usable_bytes: float) -> Optional[dict]:
+    """Could the cheap doubling phase alone have told the limit? Fit fixed + per-sample bytes to
+    the tries before the first failure, predict the largest batch within ``usable_bytes`` (no
+    safety margin), and compare it with the limit the bisection found. ``within`` is True when
+    they are no further apart than the first bisection step (half the failing doubling interval).
+    None when the search never failed or the doubling phase measured fewer than two sizes."""
+    doubling: list[Try] = []
+    for t in tries:
+        if not t.ok:
+            break
+        doubling.append(t)
+    if len(doubling) == len(tries) or largest_fit < 1:
+        return None
+    fitted = fit_linear([(t.micro_batch, float(t.peak_bytes)) for t in doubling if t.peak_bytes is not None])
+    predicted = predict_largest(*fitted, usable_bytes) if fitted else None
+    if predicted is None:
+        return None
+    step = max(1, (tries[len(doubling)].micro_batch - doubling[-1].micro_batch) // 2)
+    return {"predicted": predicted, "measured": largest_fit, "difference": predicted - largest_fit,
+            "first_bisection_step": step, "within": abs(predicted - largest_fit) <= step,
+            "from_tries": [t.micro_batch for t in doubling]}
 
 
 # --- micro-batch choice --------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from typing import Callable, Optional
 import torch
 
 from bench.memfit import (DEFAULT_SAFETY_MARGIN, ProbeResult, Try, fit_linear, format_mib as _mib,
-                          memory_key, per_worker_batches, predict_largest, search)
+                          limit_check, memory_key, per_worker_batches, predict_largest, search)
 from bench.memstep import ACCUM_MICRO_BATCHES, RssMeter, _CpuStep, _CudaStep, _Training, input_spec
 
 
@@ -227,6 +227,7 @@ def probe(sweep, *, device: str | torch.device = "cuda", memory_cap_bytes: Optio
         device_type=dev.type, measurement=measurement, reserved_bytes=reserved, try_details=details,
         eval_check=eval_check, per_worker_batches=per_worker_batches(sweep), sweep=sweep.name,
         config_hash=sweep.config_hash(), memory_key=memory_key(sweep),
+        limit_check=limit_check(tries, largest, usable),
         setup={"workload": sweep.workload, "model": sweep.model_name, "precision": sweep.precision,
                "channels_last": sweep.channels_last, "optimizer": sweep.optimizer.name,
                "accum_micro_batches_per_step": ACCUM_MICRO_BATCHES, "repeats": repeats, "start": start,

@@ -83,6 +83,12 @@ def cmd_probe_memory(args: argparse.Namespace) -> int:
         print(f"fit: {_mib(result.fixed_bytes)} + {result.per_sample_bytes / 2**10:,.1f} KiB x micro-batch; "
               f"predicted largest within {_mib(result.budget_bytes)} ({result.safety_margin:.0%} margin): "
               f"{result.predicted_largest if result.predicted_largest is not None else 'unbounded'}")
+    check = result.limit_check
+    if check:
+        print(f"limit from the doubling tries alone ({', '.join(map(str, check['from_tries']))}), no margin: "
+              f"{check['predicted']} vs measured {check['measured']} ({check['difference']:+d}; "
+              f"{'within' if check['within'] else 'NOT within'} the first bisection step of "
+              f"{check['first_bisection_step']})")
     if result.eval_check and not result.eval_check["ok"]:
         print(f"batchscale: warning: an evaluation chunk of {result.eval_check['chunk']} samples does not fit "
               f"({result.eval_check['error']})", file=sys.stderr)

@@ -456,3 +456,17 @@ def test_nothing_fits_says_why() -> None:
     one = ProbeResult(tries=[Try(1, False, 10)], largest_fit=0, first_fail=1, fixed_bytes=None,
                       per_sample_bytes=None, predicted_largest=None, device="cpu (memory cap)", total_bytes=0)
     assert memfit.nothing_fits(one) == "even 1 sample(s) ran out of memory on cpu (memory cap)"
+
+
+def test_limit_check_compares_the_doubling_fit_with_the_searched_limit(sweep) -> None:
+    r = probe(sweep, device="cpu", memory_cap_bytes=1000, step=fake_memory(100, 10), safety_margin=0.0)
+    assert r.limit_check == {"predicted": 90, "measured": 90, "difference": 0, "first_bisection_step": 32,
+                             "within": True, "from_tries": [1, 2, 4, 8, 16, 32, 64]}
+    # Memory that grows faster than linearly near the limit: the doubling fit overshoots.
+    curved = probe(sweep, device="cpu", memory_cap_bytes=10_000, step=lambda b: 100 + b + (b * b if b > 64 else 0))
+    check = curved.limit_check
+    assert check["measured"] == 99 and check["predicted"] > 99 + check["first_bisection_step"]
+    assert check["within"] is False
+    assert memfit.ProbeResult.from_dict(json.loads(json.dumps(curved.to_dict()))).limit_check == check
+    everything = probe(sweep, device="cpu", memory_cap_bytes=10**9, step=fake_memory(), max_batch=64)
+    assert everything.limit_check is None  # the search never failed: no limit to predict
