@@ -1,9 +1,10 @@
 """The worker loop: one data-parallel training run, read top to bottom.
 
-Owns: sharding an epoch across ranks, the training step (micro-batches, gradient
-accumulation with DDP ``no_sync``, LR applied per step), evaluation on the full
-train and test sets with metrics reduced across ranks, divergence and OOM
-detection, and the run's events and summary (rank 0 writes them).
+Owns: the training step (this rank's micro-batches, from ``bench.feed``, with gradient
+accumulation under DDP ``no_sync`` and the LR applied per step), evaluation of the
+train and test sets with metrics reduced across ranks, divergence and OOM detection,
+and the run's events and summary (rank 0 writes them). Which samples a rank reads,
+and from where (resident tensors or streamed files), is the feed's business.
 
 Must not import: ray (the launcher hands in a ``WorkerContext``; tests build one
 in-process), pandas. Time-to-accuracy is not computed here: analysis reads it
