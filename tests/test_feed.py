@@ -167,3 +167,28 @@ target_accuracy: 0.9
     summary = json.loads((results / "inet" / "gbs000004-w002-s0" / "summary.json").read_text())
     assert summary["samples_seen"] == 16 and summary["steps_completed"] == 4
     assert (results / "inet" / "gbs000004-w002-s0" / "telemetry-rank1.csv").exists()
+
+
+def test_a_process_loads_a_workload_once_and_no_run_changes_it(tmp_path: Path):
+    from bench import workloads
+    from bench.workloads.tabular import load_digits
+    from bench.workloads.vision_catalog import SyntheticOptions
+
+    opts = SweepConfig.model_validate({
+        "name": "d", "workload": "digits", "lr": {"base_lr": 0.1, "base_batch_size": 32}, "epochs": 2,
+        "global_batch_sizes": [64], "seeds": [0, 1], "target_accuracy": 0.5,
+        "telemetry": {"enabled": False}})
+    first = workloads.load("digits", opts.options, 0)
+    assert workloads.load("digits", opts.options, 1) is first  # the data do not depend on the seed
+    for plan in plan_sweep(opts):  # two runs through the worker, each taking the shared copy
+        run_dir = SweepDir(tmp_path / "d").run(plan.run_id)
+        run_dir.path.mkdir(parents=True)
+        assert execute_run(plan, opts, run_dir, WorkerContext())["status"] == "success"
+    fresh = load_digits(opts.options)
+    assert workloads.load("digits", opts.options, 0) is first
+    assert torch.equal(first.x_train, fresh.x_train) and torch.equal(first.y_test, fresh.y_test)
+    synthetic = SyntheticOptions(num_train=8, num_test=4, image_size=8)
+    a = workloads.load("synthetic", synthetic, 0)
+    assert workloads.load("synthetic", synthetic, 0) is a and workloads.load("synthetic", synthetic, 1) is not a
+    other = workloads.load("digits", opts.options.model_copy(update={"test_fraction": 0.5}), 0)
+    assert other is not first and other.num_test == 899

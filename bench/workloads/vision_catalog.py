@@ -202,4 +202,5 @@ register(WorkloadInfo(
     name="synthetic", description="random tensors for throughput-only runs (no accuracy)",
     options=SyntheticOptions, default_model=synthetic_default_model(),
     models=("resnet18_cifar", "resnet18", "resnet50", "small_cnn"), num_classes=10,
-    sizes=lambda o: (o.num_train, o.num_test), loader=f"{_LOADERS}:load_synthetic", has_accuracy=False))
+    sizes=lambda o: (o.num_train, o.num_test), loader=f"{_LOADERS}:load_synthetic", has_accuracy=False,
+    seeded=True))
