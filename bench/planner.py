@@ -307,7 +307,8 @@ def plan_figure(result: PlanResult):
     gpus = sorted(t["num_gpus"].unique())
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xticks(gpus, labels=[str(int(w)) for w in gpus])
-    ax.legend(fontsize="small", ncols=2)
+    if ax.get_legend_handles_labels()[0]:  # nothing reached the target: no line to name
+        ax.legend(fontsize="small", ncols=2)
     return fig
 
 

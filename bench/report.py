@@ -116,10 +116,11 @@ def _capacity_figure(runs: pd.DataFrame) -> rf.FigureResult:
         return rf.FigureResult("capacity", title, None, "capacity planning is per sweep; run `batchscale plan` on one")
     target = float(runs["target_accuracy"].dropna().iloc[0])
     result = planner.plan_capacity(runs, target_accuracy=target)
-    if result.table is None or not len(result.table):
+    if result.table is None or not result.table["time_to_target_s"].notna().any():
         return rf.FigureResult("capacity", title, None, result.recommendation or "nothing to plan from")
+    recommendation = result.recommendation.rstrip(".")
     return rf.FigureResult("capacity", title, planner.plan_figure(result),
-                           f"At target {target:g}: {result.recommendation} Hollow markers are extrapolated.")
+                           f"At target {target:g}: {recommendation}. Hollow markers are extrapolated.")
 
 
 def _png(fig) -> tuple[str, int, int]:

@@ -94,6 +94,13 @@ def test_nothing_reached_and_several_sweeps(tmp_path):
     assert "could not be drawn" not in page
 
 
+def test_capacity_figure_is_a_note_when_nothing_reached_the_target(tmp_path):
+    sweep = write_sweep(tmp_path, "never", batches=(4, 64), seeds=(0,), epochs=10, target=0.99)
+    page = write_report([sweep], tmp_path / "r.html").read_text()
+    section = page.split('id="fig-capacity"')[1].split("</section>")[0]
+    assert "Not shown: no configuration reaches the target" in section and "<img" not in section
+
+
 def test_target_override_empty_and_corrupt(tmp_path):
     small = write_sweep(tmp_path, "small", batches=(4, 256), seeds=(0, 1), epochs=20)
     (small / "gbs000004-w001-s0" / "events.jsonl").write_text('{"key": "x"}\nnot json\n{"key": "y"}\n')
