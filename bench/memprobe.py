@@ -77,8 +77,9 @@ def cmd_probe_memory(args: argparse.Namespace) -> int:
     except OSError as err:
         raise UserError(f"cannot write {out}: {err.strerror or err}", EXIT_FAILED) from None
     print(f"device {result.device}: {_mib(result.total_bytes)}; largest micro-batch that fits: "
-          f"{result.largest_fit}" + (f" (first failure {result.first_fail})" if result.first_fail else
-                                     f" (max tried: {args.max_batch})"))
+          f"{result.largest_fit}" + (f" (first failure {result.first_fail})" if result.first_fail
+                                     else " (nothing tried)" if result.largest_fit < 1
+                                     else f" (max tried: {args.max_batch})"))
     if result.per_sample_bytes is not None:
         print(f"fit: {_mib(result.fixed_bytes)} + {result.per_sample_bytes / 2**10:,.1f} KiB x micro-batch; "
               f"predicted largest within {_mib(result.budget_bytes)} ({result.safety_margin:.0%} margin): "
