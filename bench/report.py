@@ -26,6 +26,7 @@ import matplotlib
 import pandas as pd
 
 from bench import analysis as an
+from bench import events as ev
 from bench import report_figures as rf
 from bench.store import RunRecord, atomic_write_text, load_results
 
@@ -195,8 +196,16 @@ def _run_setup(records: list[RunRecord]) -> dict[str, str]:
         "warmup": _distinct(_warmup(r) for r in records), "schedule": one("lr.schedule", "schedule"),
         "epochs": one("epochs", "epochs"), "target accuracy": one("target_accuracy"), "seeds": planned("seed"),
         "global batch sizes": planned("global_batch_size"), "num_workers": planned("num_workers"),
-        "runs": str(len(records)),
+        "train metrics on": _distinct(_train_eval(r) for r in records), "runs": str(len(records)),
     }
+
+
+def _train_eval(record: RunRecord) -> str:
+    """How many training samples the train accuracy/loss (hence the gap) were measured on. Runs
+    logged before the train_eval_samples event existed always scored the whole set."""
+    total = record.plan.get("num_train")
+    scored = next((e.get("value") for e in record.events if e.get("key") == ev.TRAIN_EVAL_SAMPLES), total)
+    return "the whole training set" if scored == total else f"{scored} of {total} training samples"
 
 
 ENV_FIELDS = {  # label -> key names looked up (last path component, any case) in worker_env, env, cluster

@@ -123,6 +123,11 @@ def test_imagenet_folder_trains_in_process_and_leaves_no_loader_processes(tmp_pa
     hyper = {e["key"]: e["value"] for e in events if e["event_type"] == ev.POINT_IN_TIME}
     assert hyper[ev.TRAIN_EVAL_SAMPLES] == 5 and hyper[ev.TRAIN_SAMPLES] == 8
     assert [e["metadata"]["epoch_num"] for e in events if e["key"] == ev.EVAL_ACCURACY] == [0, 1, 2]
+    from types import SimpleNamespace
+
+    from bench.report import _train_eval  # the report says what the train metrics (and the gap) cover
+
+    assert _train_eval(SimpleNamespace(plan=plan.to_dict(), events=events)) == "5 of 8 training samples"
     # The feed stopped the persistent decoders; eval loaders' processes ended with their pass.
     alive = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()
              and p.status() != psutil.STATUS_ZOMBIE]

@@ -62,6 +62,7 @@ def test_header_and_tables_come_from_the_data(report):
     for text in ("blobs", "mlp", "linear", "test-cluster", "abc1234", "2.60.0", "0.8"):
         assert f"<td>{text}</td>" in page, text
     assert "<td>unknown</td>" in page  # driver and GPU model of a CPU run are not guessed
+    assert "<td>the whole training set</td>" in page  # train metrics (and the gap) cover every sample
     assert "diverged in a synthetic run" in page and "no summary.json" in page  # failed runs listed
     # computed captions: batch 64 needs 200 steps (25 epochs of 8), batch 4 needs 1750 -> 8.75x
     assert "Batch 64 reached 0.80 test accuracy in 25 epochs, 8.8x fewer steps than batch 4" in page
