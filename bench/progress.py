@@ -2,7 +2,9 @@
 
 Owns: a background thread that tails each pending run's ``events.jsonl`` and shows
 a bar per sweep and per run (rich, on a terminal) or one plain line per finished
-run (when stderr is not a TTY, e.g. CI logs).
+run (when stderr is not a TTY, e.g. CI logs). A run's bar moves within an epoch too
+(an ImageNet epoch takes minutes): by the LR lines of the first epoch, which name
+every step, and later by the time since epoch_start against the last epoch's length.
 
 Must not import: torch, ray, pandas.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,6 +31,11 @@ class _Tail:
     stopped: dict | None = None
     last_test_acc: float | None = None
     started: bool = False
+    steps_per_epoch: int | None = None
+    last_step: int = -1  # the last step an opt_learning_rate line named (every step of epoch 1)
+    epoch_started_at: float | None = None  # clock() when the running epoch's epoch_start was read
+    last_epoch_s: float | None = None  # training seconds of the last finished epoch
+    clock: Callable[[], float] = time.monotonic
 
     def poll(self) -> None:
         try:
@@ -44,15 +52,38 @@ class _Tail:
                 event = json.loads(line)
             except ValueError:
                 continue
-            key = event.get("key")
+            key, meta = event.get("key"), event.get("metadata") or {}
             if key == ev.RUN_START:
                 self.started = True
+            elif key == ev.STEPS_PER_EPOCH and isinstance(event.get("value"), int):
+                self.steps_per_epoch = event["value"]
+            elif key == ev.OPT_LEARNING_RATE and isinstance(meta.get("step"), int):
+                self.last_step = meta["step"]
+            elif key == ev.EPOCH_START:
+                self.epoch_started_at = self.clock()
             elif key == ev.EPOCH_STOP:
                 self.epochs += 1
+                self.epoch_started_at = None
+                seconds = meta.get("epoch_train_time_s")
+                self.last_epoch_s = seconds if isinstance(seconds, (int, float)) and seconds > 0 else None
             elif key == ev.EVAL_ACCURACY:
                 self.last_test_acc = event.get("value")
             elif key == ev.RUN_STOP:
-                self.stopped = event.get("metadata", {})
+                self.stopped = meta
+
+    @property
+    def progress(self) -> float:
+        """Epochs done, plus how far the running epoch has got: from the step of the last LR
+        line (logged at every step of the first epoch and of warmup), else from the time since
+        the epoch started against the last epoch's length; never a whole epoch ahead."""
+        if self.epoch_started_at is None:
+            return float(self.epochs)
+        fraction = 0.0
+        if self.steps_per_epoch:
+            fraction = (self.last_step + 1 - self.epochs * self.steps_per_epoch) / self.steps_per_epoch
+        if self.last_epoch_s:
+            fraction = max(fraction, (self.clock() - self.epoch_started_at) / self.last_epoch_s)
+        return self.epochs + min(max(fraction, 0.0), 0.99)
 
 
 class SweepProgress:
@@ -101,7 +132,7 @@ class SweepProgress:
                 if rid not in self._run_tasks:
                     self._run_tasks[rid] = self._rich.add_task(f"  {rid}", total=tail.total_epochs)
                 acc = f" test acc {tail.last_test_acc:.3f}" if isinstance(tail.last_test_acc, float) else ""
-                self._rich.update(self._run_tasks[rid], completed=tail.epochs,
+                self._rich.update(self._run_tasks[rid], completed=tail.progress,
                                   description=f"  {rid}{acc}")
             if tail.stopped is not None:
                 self._done.add(rid)
