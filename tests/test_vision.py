@@ -155,7 +155,7 @@ def test_imagenet_loaders_shard_every_step_and_sample(tmp_path):
         assert [b[0].shape[0] for b in batches] == [2, 1]
         seen += [i for step in loader.batch_sampler for i in step]
     assert sorted(seen) == list(range(6))
-    test_seen = [y for r in range(2) for _, ys in data.test_loader(per_worker_batch_size=2, rank=r, num_replicas=2)
+    test_seen = [y for r in range(2) for _, ys in data.eval_loader("test", batch_size=2, rank=r, num_replicas=2)
                  for y in ys.tolist()]
     assert sorted(test_seen) == [0, 1, 2]
     x = data.to_device(batches[0][0], "cpu", channels_last=True)

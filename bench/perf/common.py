@@ -1,4 +1,5 @@
-"""Pieces the benchmark scripts share: the device check and the per-round ratio summary.
+"""Pieces the benchmark scripts share: the device check and scratch folder around the rounds,
+the per-round ratio summary and its table.
 
 Must not import: ray.
 """
@@ -7,18 +8,27 @@ from __future__ import annotations
 
 import statistics
 import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 
-def device_or_none(choice: str) -> tuple[torch.device, str] | None:
-    """(device, name to print) for --device cpu|cuda; None, with one line on stderr, when CUDA is
-    asked for and torch sees none."""
-    if choice == "cuda" and not torch.cuda.is_available():
+def run_rounds_on_device(args, prefix: str, run_rounds: Callable[[Any, torch.device, Path], dict]
+                         ) -> tuple[str, dict, dict[str, dict[str, float]]] | None:
+    """The shared frame of the interleaved-rounds scripts: resolve ``args.device`` (None, with
+    one line on stderr, when CUDA is asked for and torch sees none), call ``run_rounds(args,
+    device, scratch_dir)`` in a temporary folder, and summarise its ``step_ms``. Returns
+    (device name to print, the rounds' result, the summary)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return None
-    device = torch.device(choice)
-    return device, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    with tempfile.TemporaryDirectory(prefix=f"batchscale-{prefix}-") as tmp:
+        result = run_rounds(args, device, Path(tmp))
+    return name, result, summarise(result["step_ms"])
 
 
 def summarise(step_ms: dict[str, list[float]], base: str = "off") -> dict[str, dict[str, float]]:

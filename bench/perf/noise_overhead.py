@@ -25,14 +25,13 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.perf.common import device_or_none, format_table, summarise
+from bench.perf.common import format_table, run_rounds_on_device
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "cuda": {"model": "resnet18_cifar", "image_size": 32, "micro_batch_size": 512, "accum": 2,
@@ -138,13 +137,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    found = device_or_none(args.device)
-    if found is None:
+    done = run_rounds_on_device(args, "noise-overhead", run_rounds)
+    if done is None:
         return 2
-    device, name = found
-    with tempfile.TemporaryDirectory(prefix="batchscale-noise-overhead-") as tmp:
-        result = run_rounds(args, device, Path(tmp))
-    stats = summarise(result["step_ms"])
+    name, result, stats = done
     print(f"noise-scale probe overhead: {args.model} {args.image_size}px on {name}, one worker, "
           f"{args.accum} x {args.micro_batch_size} per step, {args.num_rounds} rounds x "
           f"{args.steps_per_round} steps")

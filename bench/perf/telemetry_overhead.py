@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from bench.perf.common import device_or_none, format_table, summarise
+from bench.perf.common import format_table, run_rounds_on_device
 from bench.telemetry import Sampler, gpu_ids_from_torch_uuid
 
 NUM_CLASSES = 10
@@ -177,17 +176,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    found = device_or_none(args.device)
-    if found is None:
+    done = run_rounds_on_device(args, "telemetry-overhead", run_rounds)
+    if done is None:
         return 2
-    device, name = found
-    with tempfile.TemporaryDirectory(prefix="batchscale-telemetry-overhead-") as tmp:
-        result = run_rounds(args, device, Path(tmp))
-    stats = summarise(result["step_ms"])
+    name, result, stats = done
     num_samples = {k: sum(s["num_samples"] for s in v) for k, v in result["telemetry"].items()}
     errors = sorted({s["error"] for v in result["telemetry"].values() for s in v if s["error"]})
     kinds = sorted({s["kind"] for v in result["telemetry"].values() for s in v})
-    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    precision = "bf16 autocast" if args.device == "cuda" else "fp32"
     print(f"telemetry overhead: {args.model} on {name}, micro_batch_size {args.micro_batch_size}, "
           f"{args.num_rounds} rounds x {args.steps_per_round} steps, {precision}, "
           f"telemetry kind {'+'.join(kinds) or 'none'}")

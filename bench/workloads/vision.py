@@ -267,9 +267,6 @@ class StreamingData:
         return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, num_replicas),
                           **self._loader_settings(0, rank, persistent=False))
 
-    def test_loader(self, *, per_worker_batch_size: int, rank: int, num_replicas: int) -> DataLoader:
-        return self.eval_loader("test", batch_size=per_worker_batch_size, rank=rank, num_replicas=num_replicas)
-
     def to_device(self, images_u8: torch.Tensor, device: torch.device | str,
                   channels_last: bool = False) -> torch.Tensor:
         x = images_u8.to(device, non_blocking=True).float().div_(255.0)
