@@ -40,7 +40,8 @@ import torch
 
 from bench.memfit import (DEFAULT_SAFETY_MARGIN, ProbeResult, Try, fit_linear, format_mib as _mib,
                           limit_check, memory_key, per_worker_batches, predict_largest, search)
-from bench.memstep import ACCUM_MICRO_BATCHES, RssMeter, _CpuStep, _CudaStep, _Training, input_spec
+from bench.memstep import (ACCUM_MICRO_BATCHES, HEAP_FREE_NOTE_BYTES, RssMeter, _CpuStep, _CudaStep, _Training,
+                           fix_mmap_threshold, heap_free_bytes, input_spec)
 
 
 # --- one try, out of memory caught --------------------------------------------------------------
@@ -118,6 +119,7 @@ def probe(sweep, *, device: str | torch.device = "cuda", memory_cap_bytes: Optio
     placeholder = None
     restore_fraction = frozen = reserve_fails = False
     eval_check: Optional[dict] = None
+    heap_free: Optional[int] = None  # CPU: free malloc chunks at the baseline (see bench.memstep)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA is not available on this machine (use --device cpu with a memory cap)")
@@ -131,6 +133,7 @@ def probe(sweep, *, device: str | torch.device = "cuda", memory_cap_bytes: Optio
             raise ValueError("a CPU probe needs a memory cap (memory_cap_bytes / --cpu-memory-cap-gib)")
         device_name, total = "cpu (memory cap)", int(memory_cap_bytes)
         device_total = total
+        fix_mmap_threshold()  # before the data load frees its temporaries (see bench.memstep)
     if memory_cap_bytes is not None:
         total = min(total, int(memory_cap_bytes))
     try:
@@ -172,6 +175,12 @@ def probe(sweep, *, device: str | torch.device = "cuda", memory_cap_bytes: Optio
                 del warm
                 meter = RssMeter()
                 meter.mark_baseline()
+                heap_free = heap_free_bytes()
+                if heap_free is not None and heap_free > HEAP_FREE_NOTE_BYTES:
+                    notes.append(f"this process's heap held {_mib(heap_free)} of free chunks before the first try "
+                                 "(memory freed before the probe fixed the mmap threshold): tries that reuse "
+                                 "them count those pages again, so the CPU peaks may be high; probe in a fresh "
+                                 "process (batchscale probe-memory)")
                 training = _Training(sweep, spec, dev, seed)
                 if max(sweep.num_workers) > 1:
                     reserved["ddp_buckets"] = training.param_bytes()
@@ -231,7 +240,8 @@ def probe(sweep, *, device: str | torch.device = "cuda", memory_cap_bytes: Optio
         setup={"workload": sweep.workload, "model": sweep.model_name, "precision": sweep.precision,
                "channels_last": sweep.channels_last, "optimizer": sweep.optimizer.name,
                "accum_micro_batches_per_step": ACCUM_MICRO_BATCHES, "repeats": repeats, "start": start,
-               "max_batch": max_batch, "outside_bytes": outside, "torch": torch.__version__},
+               "max_batch": max_batch, "outside_bytes": outside,
+               "heap_free_at_baseline_bytes": heap_free, "torch": torch.__version__},
         notes=notes)
 
 

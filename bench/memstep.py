@@ -42,13 +42,19 @@ Measurement:
   Library code paged in during a try (``RssFile``) is subtracted, and a throwaway model
   takes one warm-up step before the baseline (in ``probe()``) so lazy imports and
   initialisation are not counted. With glibc the probe fixes the mmap threshold at 128 KiB
-  (``mallopt``) and calls ``malloc_trim(0)`` between tries, so freed tensors leave the
-  resident set: the numbers then follow live memory, repeatable to ~0.1 MiB (measured: blobs
-  MLP, 622 bytes/sample, same boundary in three probes). Under glibc's default dynamic
+  (``mallopt``, at the start of a CPU probe, before the data are loaded) and calls
+  ``malloc_trim(0)`` between tries, so freed tensors leave the resident set: the numbers
+  then follow live memory, repeatable to ~0.1 MiB (measured: blobs MLP, 622 bytes/sample,
+  same boundary in three probes). Under glibc's default dynamic
   threshold the same step measured 1.1-1.5 KB/sample with a boundary varying by 30 % from
   probe to probe: heap fragmentation a long CPU run may also see, which the safety margin does
-  not cover. What stays resident across tries (thread stacks, allocator leftovers) counts
-  against every later try, so the numbers err high by up to a few MiB; pages are 4 KiB.
+  not cover. The fix cannot undo what happened before it: memory freed earlier under the
+  dynamic threshold stays in the heap as free chunks, and a try that reuses them counts their
+  pages again (measured: after two ResNet-18 steps in the same process, 73 MiB of free chunks
+  and 1.1-1.5 KB/sample again). The probe records those bytes (``heap_free_bytes``) and says
+  so in its notes when they exceed ``HEAP_FREE_NOTE_BYTES``; ``batchscale probe-memory`` runs
+  in a fresh process, where they are below 1 MiB. What stays resident across tries (thread
+  stacks, allocator leftovers) counts against every later try, so the numbers err high by up to a few MiB; pages are 4 KiB.
 """
 
 from __future__ import annotations
@@ -67,6 +73,8 @@ import torch.nn.functional as F
 
 ACCUM_MICRO_BATCHES = 2  # micro-batches accumulated per probed optimizer step
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD_BYTES = 128 * 1024
+HEAP_FREE_NOTE_BYTES = 8 << 20  # free heap chunks at the baseline above this get a note
 
 
 # --- CPU resident-set measurement ----------------------------------------------------------------
@@ -82,6 +90,51 @@ def _proc_status_bytes(key: str) -> Optional[int]:
     return None
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+_GLIBC: list = []  # [libc or None], looked up once
+
+
+def glibc() -> Optional[ctypes.CDLL]:
+    """The C library when it is glibc with mallopt and malloc_trim, else None."""
+    if not _GLIBC:
+        libc = None
+        with contextlib.suppress(OSError, TypeError):
+            name = ctypes.util.find_library("c")
+            candidate = ctypes.CDLL(name) if name else None
+            if candidate is not None and hasattr(candidate, "malloc_trim") and hasattr(candidate, "mallopt"):
+                libc = candidate
+        _GLIBC.append(libc)
+    return _GLIBC[0]
+
+
+def fix_mmap_threshold() -> bool:
+    """Put every allocation above 128 KiB in its own mapping, returned to the kernel on free,
+    for the rest of this process (glibc's default threshold rises after each large free, up
+    to 32 MiB). The earlier the better: memory freed before this call stays in the heap as
+    free chunks (see ``heap_free_bytes``). False where the C library is not glibc."""
+    libc = glibc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+def heap_free_bytes() -> Optional[int]:
+    """Bytes in free chunks of the malloc heaps (glibc's ``mallinfo2().fordblks``, all arenas),
+    after ``malloc_trim``; None where unknown (not glibc, or glibc older than 2.33). A try whose
+    small allocations land in such chunks touches their pages again, so the CPU peak counts
+    pages the step's live memory does not need: measured, 73 MiB left free by two ResNet-18
+    steps run before the threshold was fixed doubled the blobs MLP's bytes per sample."""
+    libc = glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    return int(libc.mallinfo2().fordblks)
+
+
 class RssMeter:
     """Peak resident set of this process over an interval (see the module docstring)."""
 
@@ -91,16 +144,7 @@ class RssMeter:
         self._base_rss = self._base_file = 0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        libc_name = ctypes.util.find_library("c")
-        self._libc = None
-        with contextlib.suppress(OSError, TypeError):
-            libc = ctypes.CDLL(libc_name) if libc_name else None
-            if libc is not None and hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt"):
-                self._libc = libc
-                # A fixed mmap threshold (glibc's default one rises after each large free) puts
-                # every tensor above 128 KiB in its own mapping, returned on free: the resident
-                # set then follows live memory. Process-wide and permanent, like the probe.
-                libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+        self._libc = glibc() if fix_mmap_threshold() else None
 
     @property
     def method(self) -> str:

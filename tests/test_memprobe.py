@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import math
@@ -235,6 +236,28 @@ def test_tiny_model_probe_on_cpu(sweep) -> None:
     assert r.predicted_largest and 0.5 < r.predicted_largest / r.largest_fit < 1.1
     assert r.eval_check and r.eval_check["ok"] and r.eval_check["chunk"] == 500
     assert "VmHWM" in r.measurement or "psutil" in r.measurement
+    heap_free = r.setup["heap_free_at_baseline_bytes"]
+    assert heap_free is None or heap_free < memstep.HEAP_FREE_NOTE_BYTES
+    assert not any("free chunks" in n for n in r.notes)
+
+
+def test_probe_notes_free_heap_chunks_left_from_before(sweep) -> None:
+    """Memory freed before the probe and held in the heap inflates CPU peaks: the probe says so."""
+    libc = memstep.glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        pytest.skip("needs glibc 2.33+ (mallinfo2)")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(100 * 1024) for _ in range(321)]  # 32 MiB below the 128 KiB mmap threshold
+    guard = blocks.pop()  # the last one stays: the heap top cannot shrink back over the freed ones
+    try:
+        for b in blocks:
+            libc.free(b)
+        r = probe(sweep, device="cpu", memory_cap_bytes=64 * MIB, max_batch=64)
+    finally:
+        libc.free(guard)
+    assert r.setup["heap_free_at_baseline_bytes"] > memstep.HEAP_FREE_NOTE_BYTES
+    assert any("free chunks" in n and "fresh process" in n for n in r.notes)
 
 
 def test_worker_features_run_in_the_probe_step(tmp_path: Path) -> None:
