@@ -10,6 +10,7 @@ SCRIPTS = {
     "throughput": "bench.perf.throughput",  # samples/s and TFLOP/s across per-GPU batch sizes
     "noise-overhead": "bench.perf.noise_overhead",  # worker step with the noise-scale probe off / on
     "loader": "bench.perf.loader",  # streamed ImageNet pipeline: images/s per DataLoader process
+    "gpu-session": "bench.perf.session",  # the GPU measurements still owed, within a time budget
 }
 
 
