@@ -2,6 +2,10 @@
 
 Owns: git sha and dirty flag, package versions, host and CPU description. Reads
 versions through importlib.metadata so it imports neither torch nor ray.
+
+Where the code runs from a copy without git (a lent GPU machine gets the working tree, not
+.git), ``BATCHSCALE_GIT_SHA`` in the environment names the commit instead, and
+``git_sha_from`` says which of the two it came from.
 """
 
 from __future__ import annotations
@@ -45,9 +49,12 @@ def cpu_model() -> str | None:
 
 def fingerprint(cluster_file: str | None = None) -> dict:
     status = _git("status", "--porcelain", "--untracked-files=no")
+    sha = _git("rev-parse", "HEAD")
+    given = os.environ.get("BATCHSCALE_GIT_SHA", "").strip() or None
     return {
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": _git("rev-parse", "HEAD"),
+        "git_sha": sha or given,
+        "git_sha_from": "git" if sha else ("BATCHSCALE_GIT_SHA" if given else None),
         "git_dirty": None if status is None else bool(status),
         "python": sys.version.split()[0],
         "batchscale": _version("batchscale"),

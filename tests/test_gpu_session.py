@@ -49,7 +49,7 @@ def test_runs_skips_cuts_off_and_resumes(tmp_path: Path, capsys) -> None:
     log = [json.loads(line) for line in (tmp_path / gs.LOG).read_text().splitlines()]
     assert [(e["step"], e["status"]) for e in log] == [
         ("writes", "ok"), ("fails", "failed"), ("exits-0-without-output", "failed"), ("slow", "cut off")]
-    assert all(e["device"] and e["seconds"] >= 0 for e in log)
+    assert all(e["device"] and e["seconds"] >= 0 and len(e["git_sha"]) == 40 for e in log)
     assert "bad input" in (tmp_path / gs.LOG).with_suffix(".log").read_text()
 
     archive = tmp_path / "out" / "h100.tar.gz"

@@ -473,3 +473,17 @@ def test_interrupted_sweep_keeps_complete_runs_and_resumes(sig, tmp_path: Path, 
     last = stderr_lines(err)[-1] if err.strip() else ""
     if code != 130 or "Traceback" in err or not last.startswith("batchscale: error: interrupted;"):
         raise DriverDidNotStopCleanly(f"exit code {code}, last stderr line {last!r}\n{err[-2000:]}")
+
+
+def test_fingerprint_takes_the_commit_from_the_environment_without_git(monkeypatch) -> None:
+    """A lent GPU machine gets the working tree without .git: the caller names the commit."""
+    from bench import fingerprint as fp
+
+    with_git = fp.fingerprint(None)
+    assert with_git["git_sha_from"] == "git" and len(with_git["git_sha"]) == 40
+    monkeypatch.setattr(fp, "_git", lambda *args: None)
+    monkeypatch.delenv("BATCHSCALE_GIT_SHA", raising=False)
+    assert (fp.fingerprint(None)["git_sha"], fp.fingerprint(None)["git_sha_from"]) == (None, None)
+    monkeypatch.setenv("BATCHSCALE_GIT_SHA", "0123abcd")
+    env = fp.fingerprint(None)
+    assert (env["git_sha"], env["git_sha_from"], env["git_dirty"]) == ("0123abcd", "BATCHSCALE_GIT_SHA", None)

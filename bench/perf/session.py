@@ -21,7 +21,7 @@ with less than ``MIN_RESUMABLE_S``. ``--force`` starts them anyway.
 
 Outputs: what each step writes, in the repo (``results/h100/``, ``results/<sweep>/``,
 ``reports/``); the session log ``results/h100/session-log.jsonl`` (one line per step started:
-name, command, exit code, seconds, device); with ``--archive PATH`` a tar.gz of all of that.
+name, command, exit code, seconds, device, commit); with ``--archive PATH`` a tar.gz of all of that.
 
 Must not import: torch or ray (each step runs in its own process; this one only waits).
 """
@@ -284,8 +284,11 @@ def _device_name() -> str:
 
 def run_session(plan: Sequence[Step], root: Path, *, budget_s: float, python: str = sys.executable,
                 force: bool = False, log_rel: str = LOG) -> list[Outcome]:
+    from bench.fingerprint import fingerprint
+
     deadline = time.monotonic() + budget_s
     device = _device_name()
+    git_sha = fingerprint(None)["git_sha"]  # from BATCHSCALE_GIT_SHA on a copy without .git
     log_path = root / log_rel
     outcomes: list[Outcome] = []
     by_name = {s.name: s for s in PLAN} | {s.name: s for s in plan}
@@ -312,6 +315,7 @@ def run_session(plan: Sequence[Step], root: Path, *, budget_s: float, python: st
         with log_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps({"step": step.name, "argv": list(step.argv), "status": outcome.status,
                                  "rc": outcome.rc, "seconds": round(outcome.seconds, 1), "device": device,
+                                 "git_sha": git_sha,
                                  "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
     for o in outcomes:
         if o.step.headline is not None and o.status in ("done before", "ok", "cut off"):
