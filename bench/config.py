@@ -166,6 +166,9 @@ class ClusterConfig(_Strict):
     description: str = ""
     address: Optional[str] = Field(None, description="Ray address (host:port or ray://host:10001); none: local Ray")
     use_gpu: bool = False
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="collective backend; auto: nccl with GPUs, gloo without. Workers sharing "
+        "one GPU (resources_per_worker.GPU < 1) need gloo: two NCCL ranks on one GPU fail")
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
     local_num_cpus: Optional[int] = Field(None, ge=1, le=4096, description="logical CPUs for a local Ray")
     connect_timeout_s: float = Field(10.0, gt=0.0, le=600.0)
@@ -191,6 +194,11 @@ class ClusterConfig(_Strict):
     def _gpu(self) -> "ClusterConfig":
         if self.use_gpu and self.resources_per_worker.get("GPU", 1) <= 0:
             raise ValueError("use_gpu is true but resources_per_worker.GPU is 0")
+        if self.backend == "nccl" and not self.use_gpu:
+            raise ValueError("backend nccl needs use_gpu: true (NCCL runs on GPUs only)")
+        if self.backend != "gloo" and self.use_gpu and self.resources_per_worker.get("GPU", 1) < 1:
+            raise ValueError("workers sharing a GPU (resources_per_worker.GPU < 1) need backend: gloo; "
+                             "two NCCL ranks on one GPU fail")
         return self
 
 

@@ -195,7 +195,7 @@ def run_groups(sweep: SweepConfig, cluster: ClusterConfig, sweep_dir: SweepDir, 
                *, on_group: Callable[[GroupStart], None] | None = None) -> LaunchReport:
     """Run the given (pending) plans: one TorchTrainer per worker count, in order."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     class _Trainer(TorchTrainer):
         """Ray Train's fit() installs its own SIGINT handler that aborts and exits with code 1;
@@ -227,6 +227,7 @@ def run_groups(sweep: SweepConfig, cluster: ClusterConfig, sweep_dir: SweepDir, 
             },
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=cluster.use_gpu,
                                          resources_per_worker=resources),
+            torch_config=TorchConfig(backend=backend_for(cluster)),
             run_config=RunConfig(name=f"{sweep.name}-w{num_workers}-{int(time.time())}", storage_path=storage,
                                  failure_config=FailureConfig(max_failures=cluster.max_failures)),
         )
@@ -240,6 +241,13 @@ def run_groups(sweep: SweepConfig, cluster: ClusterConfig, sweep_dir: SweepDir, 
         if on_group:
             on_group(start)
     return report
+
+
+def backend_for(cluster: ClusterConfig) -> str:
+    """The torch.distributed backend: the cluster's choice, else NCCL on GPUs and gloo on CPUs."""
+    if cluster.backend != "auto":
+        return cluster.backend
+    return "nccl" if cluster.use_gpu else "gloo"
 
 
 def _fit(trainer: Any) -> Any:

@@ -173,6 +173,7 @@ def plan_sweep(sweep, *, max_micro_batch_size: int | Mapping[int, int] | None = 
     lr = sweep.lr
     runs: list[RunPlan] = []
     for workers in sweep.num_workers:
+        shapes = []  # one per batch size, checked before any run is planned
         for gbs in sweep.global_batch_sizes:
             if gbs > num_train:
                 raise PlanError(f"global_batch_sizes: {gbs} is larger than the training set "
@@ -186,7 +187,11 @@ def plan_sweep(sweep, *, max_micro_batch_size: int | Mapping[int, int] | None = 
             if warmup > total:
                 raise PlanError(f"lr.warmup: {warmup} warmup steps exceed the {total} steps of the run "
                                 f"at global batch {gbs}")
-            for seed in sweep.seeds:
+            shapes.append((gbs, per_worker, micro, accum, spe, total, warmup, peak))
+        # Seed-major: a sweep cut short (a device lease running out) still has every batch
+        # size once before it has any twice.
+        for seed in sweep.seeds:
+            for gbs, per_worker, micro, accum, spe, total, warmup, peak in shapes:
                 runs.append(RunPlan(
                     sweep=sweep.name, run_id=run_id(gbs, workers, seed), seed=seed,
                     workload=sweep.workload, model=sweep.model_name, global_batch_size=gbs,

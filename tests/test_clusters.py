@@ -75,6 +75,30 @@ def test_single_node_multi_gpu():
     assert cluster.hardware.nodes == 1 and cluster.hardware.gpus_per_node == 8
 
 
+def test_one_gpu_two_workers_shares_the_gpu_over_gloo():
+    from bench.launcher import backend_for
+
+    cluster, _ = load_cluster(CLUSTERS / "one-gpu-two-workers.yaml")
+    assert cluster.use_gpu and cluster.resources_per_worker["GPU"] == 0.5 and backend_for(cluster) == "gloo"
+    assert backend_for(load_cluster(CLUSTERS / "single-node-multi-gpu.yaml")[0]) == "nccl"
+    assert backend_for(load_cluster(CLUSTERS / "local.yaml")[0]) == "gloo"
+
+
+@pytest.mark.parametrize("doc, expect", [
+    ({"use_gpu": True, "resources_per_worker": {"GPU": 0.5}}, "need backend: gloo"),
+    ({"use_gpu": True, "backend": "nccl", "resources_per_worker": {"GPU": 0.5}}, "need backend: gloo"),
+    ({"use_gpu": False, "backend": "nccl"}, "backend nccl needs use_gpu: true"),
+    ({"backend": "mpi"}, "backend"),
+], ids=["shared-auto", "shared-nccl", "nccl-on-cpu", "unknown"])
+def test_backend_refusals(tmp_path, doc, expect):
+    from bench.config import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"name": "c", **doc}))
+    with pytest.raises(ConfigError, match=expect):
+        load_cluster(path)
+
+
 def test_launcher_yaml_passes_ray_schema():
     assert ray_schema_errors(_load("aws-gpu.yaml")) is None
 

@@ -81,14 +81,14 @@ def test_alias_bomb_refused(tmp_path: Path, capsys):
 
 def test_packaged_sweeps_validate_and_plan(capsys, tmp_path):
     for name in ("seed-blobs", "digits-linear", "digits-huge-batch-no-warmup", "digits-huge-batch-warmup",
-                 "shapes-h100-noise", "digits-linear-noise"):
+                 "shapes-gpu-noise", "digits-linear-noise"):
         sweep, path = load_sweep(name)
         assert path.name == f"{name}.yaml"
         assert main(["run", name, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "gbs000450-w001-s0: per-worker 450 = 1 x 450, 2 steps/epoch x 200 epochs" in out
     assert "gbs008192-w001-s0: per-worker 8192 = 128 x 64, 7 steps/epoch x 30 epochs, peak lr 3.2" in out
-    # shapes-h100 takes its micro-batches from a GPU memory probe: without one, a clear refusal.
-    assert load_sweep("shapes-h100")[0].max_micro_batch_size == "auto"
-    assert main(["run", "shapes-h100", "--dry-run", "--results-dir", str(tmp_path)]) == 2
-    assert "auto needs a memory probe; run `batchscale probe-memory shapes-h100" in capsys.readouterr().err
+    # shapes-gpu takes its micro-batches from a GPU memory probe: without one, a clear refusal.
+    assert load_sweep("shapes-gpu")[0].max_micro_batch_size == "auto"
+    assert main(["run", "shapes-gpu", "--dry-run", "--results-dir", str(tmp_path)]) == 2
+    assert "auto needs a memory probe; run `batchscale probe-memory shapes-gpu" in capsys.readouterr().err

@@ -54,7 +54,7 @@ def test_runs_skips_cuts_off_and_resumes(tmp_path: Path, capsys) -> None:
 
     archive = tmp_path / "out" / "h100.tar.gz"
     kept = gs.write_archive(plan, tmp_path, archive)
-    assert kept == ["results/h100/a.json", gs.LOG, str(Path(gs.LOG).with_suffix(".log"))]
+    assert kept == sorted(["results/h100/a.json", gs.LOG, str(Path(gs.LOG).with_suffix(".log"))])
     with tarfile.open(archive) as tar:
         assert json.loads(tar.extractfile("results/h100/a.json").read()) == {"x": 1}
 
@@ -70,10 +70,10 @@ def test_runs_skips_cuts_off_and_resumes(tmp_path: Path, capsys) -> None:
 
 
 def test_a_sweep_step_is_done_when_all_its_runs_are_complete(tmp_path: Path) -> None:
-    sweep = load_sweep("shapes-h100-noise")[0]
+    sweep = load_sweep("shapes-gpu-noise")[0]
     ids = [run_id(g, w, s) for w in sweep.num_workers for g in sweep.global_batch_sizes for s in sweep.seeds]
-    step = next(s for s in gs.PLAN if s.sweep == "shapes-h100-noise")
-    assert gs.sweep_progress(tmp_path, "shapes-h100-noise") == (0, len(ids)) and not gs.is_done(step, tmp_path)
+    step = next(s for s in gs.PLAN if s.sweep == "shapes-gpu-noise")
+    assert gs.sweep_progress(tmp_path, "shapes-gpu-noise") == (0, len(ids)) and not gs.is_done(step, tmp_path)
     for i in ids:
         (tmp_path / "results" / sweep.name / i).mkdir(parents=True)
         if i != ids[-1]:
@@ -128,7 +128,7 @@ def test_headlines_read_what_the_scripts_write(tmp_path: Path) -> None:
         {"batch_size": 128, "status": "oom", "samples_per_s": None, "tflops": None}]}))
     (h / "probe-r18.json").write_text(json.dumps(
         {"largest_fit": 488, "device": "cpu", "limit_check": {"predicted": 493, "within": True}}))
-    by_name = {s.name: s for s in gs.PLAN}
+    by_name = {s.name: s for s in gs.build_plan("h100")}
     assert by_name["overhead-resnet18"].headline(tmp_path).startswith("B/A median 0.9910 (min 0.9820")
     assert "every 10 1.0040" in by_name["noise-overhead"].headline(tmp_path)
     assert by_name["throughput-resnet18"].headline(tmp_path) == \
@@ -146,9 +146,31 @@ def test_cli_lists_the_plan_and_refuses_unknown_steps(capsys, monkeypatch) -> No
 
 
 def test_the_runner_imports_neither_torch_nor_ray() -> None:
-    code = ("import sys, bench.perf.session as s; s.sweep_progress(__import__('pathlib').Path('.'), 'shapes-h100');"
+    code = ("import sys, bench.perf.session as s; s.sweep_progress(__import__('pathlib').Path('.'), 'shapes-gpu');"
             "print('torch' in sys.modules, 'ray' in sys.modules)")
     import subprocess
 
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_device_tag_names_the_gpu_model() -> None:
+    assert gs.device_tag("NVIDIA H200") == "h200"
+    assert gs.device_tag("NVIDIA H100 80GB HBM3") == "h100"
+    assert gs.device_tag("NVIDIA A100-SXM4-80GB") == "a100"
+    assert gs.device_tag("no GPU seen (vm)") == "gpu"
+    assert all(p.startswith("results/h200/") for s in gs.build_plan("h200") for p in s.creates
+               if not p.startswith("results/shapes"))
+
+
+def test_a_capped_step_is_cut_off_at_its_cap_and_the_next_one_runs(tmp_path: Path) -> None:
+    (tmp_path / "bench" / "perf").mkdir(parents=True)
+    plan = [gs.Step("capped", _py("import time; print('working', flush=True); time.sleep(60)"),
+                    creates=("results/x.json",), estimate_s=1, cap_s=2),
+            gs.Step("next", _py("import pathlib; pathlib.Path('results').mkdir(exist_ok=True);"
+                                "pathlib.Path('results/y.json').write_text('1')"),
+                    creates=("results/y.json",), estimate_s=1)]
+    t0 = time.monotonic()
+    out = gs.run_session(plan, tmp_path, budget_s=120)
+    assert [o.status for o in out] == ["cut off", "ok"]
+    assert time.monotonic() - t0 < 40  # the cap, plus SIGINT's grace at most

@@ -72,6 +72,19 @@ def test_plan_takes_a_micro_batch_per_per_worker_batch():
         (1, 64, 64, 1), (1, 256, 64, 4), (1, 480, 80, 6), (2, 32, 32, 1), (2, 128, 32, 4), (2, 240, 240, 1)]
 
 
+def test_plan_goes_seed_by_seed_within_a_worker_count():
+    """A sweep cut short (a device lease ending) has every batch size once before any twice."""
+    from bench.config import SweepConfig
+    from bench.plan import plan_sweep
+
+    sweep = SweepConfig.model_validate(dict(
+        name="m", workload="blobs", lr=dict(base_lr=0.1, base_batch_size=32), epochs=1,
+        global_batch_sizes=[64, 128], num_workers=[1, 2], seeds=[0, 1], target_accuracy=0.5))
+    assert [p.run_id for p in plan_sweep(sweep)] == [
+        "gbs000064-w001-s0", "gbs000128-w001-s0", "gbs000064-w001-s1", "gbs000128-w001-s1",
+        "gbs000064-w002-s0", "gbs000128-w002-s0", "gbs000064-w002-s1", "gbs000128-w002-s1"]
+
+
 def test_steps_per_epoch_partial_last_batch():
     assert steps_per_epoch(500, 4) == 125
     assert steps_per_epoch(500, 450) == 2  # 450 + a partial batch of 50

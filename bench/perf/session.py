@@ -44,7 +44,8 @@ from typing import Callable, Optional, Sequence
 
 MIN_RESUMABLE_S = 90  # a sweep step needs at least a Ray start and one run
 KILL_GRACE_S = 20  # SIGINT first (the CLI keeps completed runs), then SIGKILL
-LOG = "results/h100/session-log.jsonl"
+LOG_TEMPLATE = "results/{tag}/session-log.jsonl"
+LOG = LOG_TEMPLATE.format(tag="gpu")  # where main() has no tag of its own to give
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ class Step:
     keep: tuple[str, ...] = ()  # more paths to archive
     headline: Optional[Callable[[Path], str]] = None
     resumable: bool = False
-    needs: Optional[str] = None  # a step that must be done first (a report waits for its whole sweep)
+    needs: Optional[str] = None  # a step that must be done first
+    cap_s: Optional[float] = None  # at most this long in one call (a resumable sweep), then the next step
 
 
 @dataclass
@@ -124,7 +126,8 @@ def _sweep_line(name: str) -> Callable[[Path], str]:
 
 # --- the plan ------------------------------------------------------------------------------------
 
-_CLUSTER = "clusters/single-node-multi-gpu.yaml"
+_ONE_GPU = "clusters/single-node-multi-gpu.yaml"
+_SHARED_GPU = "clusters/one-gpu-two-workers.yaml"
 
 
 def _perf(name: str, script: str, out: str, *args: str, estimate_s: int,
@@ -134,38 +137,58 @@ def _perf(name: str, script: str, out: str, *args: str, estimate_s: int,
                 estimate_s=estimate_s, headline=headline(out))
 
 
-def _probe_step(name: str, sweep: str, out: Optional[str], estimate_s: int) -> Step:
+def _probe_step(name: str, sweep: str, out: Optional[str], estimate_s: int, *args: str) -> Step:
     path = out or f"results/{sweep}/memory-probe.json"
-    return Step(name, ("-m", "bench", "probe-memory", sweep, *(("-o", out) if out else ())), creates=(path,),
-                estimate_s=estimate_s, headline=_probe(path))
+    return Step(name, ("-m", "bench", "probe-memory", sweep, *args, *(("-o", out) if out else ())),
+                creates=(path,), estimate_s=estimate_s, headline=_probe(path))
 
 
-def _sweep_and_report(sweep: str, estimate_s: int, needs: Optional[str] = None) -> tuple[Step, Step]:
-    run = Step(f"sweep-{sweep}", ("-m", "bench", "run", sweep, "--cluster", _CLUSTER), sweep=sweep,
-               estimate_s=estimate_s, resumable=True, headline=_sweep_line(sweep), needs=needs)
-    report = Step(f"report-{sweep}", ("-m", "bench", "report", f"results/{sweep}", "-o", f"reports/{sweep}.html"),
-                  creates=(f"reports/{sweep}.html",), estimate_s=60, needs=run.name)
-    return run, report
+def _sweep(sweep: str, cluster: str, cap_s: int, needs: Optional[str] = None) -> Step:
+    """A packaged sweep; reports are made afterwards, on any machine, from the committed runs."""
+    return Step(f"sweep-{sweep}", ("-m", "bench", "run", sweep, "--cluster", cluster), sweep=sweep,
+                estimate_s=cap_s, resumable=True, headline=_sweep_line(sweep), needs=needs, cap_s=cap_s)
 
 
-PLAN: tuple[Step, ...] = (
-    _perf("overhead-resnet18", "overhead", "results/h100/overhead-r18.json", "--preset", "resnet18-cifar-512",
-          estimate_s=300, headline=lambda out: _ratio(out, ">= 0.98")),
-    _perf("overhead-resnet50", "overhead", "results/h100/overhead-r50.json", "--preset", "resnet50-224-256",
-          estimate_s=360, headline=lambda out: _ratio(out, ">= 0.98")),
-    _probe_step("probe-shapes-h100", "shapes-h100", None, estimate_s=120),
-    *_sweep_and_report("shapes-h100", estimate_s=900, needs="probe-shapes-h100"),
-    _perf("throughput-resnet18", "throughput", "results/h100/throughput-r18.json", "--preset", "resnet18-cifar-512",
-          "--csv", "results/h100/throughput-r18.csv", extra=("results/h100/throughput-r18.csv",),
-          estimate_s=240, headline=_throughput),
-    *_sweep_and_report("shapes-h100-noise", estimate_s=900),
-    _perf("noise-overhead", "noise-overhead", "results/h100/noise-overhead.json", "--device", "cuda",
-          estimate_s=180, headline=lambda out: _overhead_ratios(out, "< 1.01")),
-    _perf("telemetry-overhead", "telemetry-overhead", "results/h100/telemetry-overhead.json", "--device", "cuda",
-          estimate_s=180, headline=lambda out: _overhead_ratios(out, "<= 1.005 at 10 Hz")),
-    _probe_step("probe-resnet18-cifar", "probe-resnet18-cifar", "results/h100/probe-r18.json", estimate_s=240),
-    _probe_step("probe-resnet50-224", "probe-resnet50-224", "results/h100/probe-r50.json", estimate_s=300),
-)
+def build_plan(tag: str) -> tuple[Step, ...]:
+    """The plan, writing the single-file measurements under ``results/<tag>/`` (tag: the GPU
+    model, e.g. h200). Order: what the open issues' "done when" needs, and the code paths never
+    yet run on a GPU (the sweep) early, so that a first short call finds their faults while
+    there is device time left to fix them. Each sweep gets at most ``cap_s`` per call so that
+    the steps after it get their turn, and takes up where it stopped in the next call."""
+    d = f"results/{tag}"
+    return (
+        _perf("telemetry-overhead", "telemetry-overhead", f"{d}/telemetry-overhead.json", "--device", "cuda",
+              estimate_s=60, headline=lambda out: _overhead_ratios(out, "<= 1.005 at 10 Hz")),
+        # The shapes sweep's largest batch is 8192: a probe past it would only cost time.
+        _probe_step("probe-shapes-gpu", "shapes-gpu", None, 60, "--max-batch", "8192"),
+        _sweep("shapes-gpu", _ONE_GPU, cap_s=180, needs="probe-shapes-gpu"),
+        _perf("overhead-resnet18", "overhead", f"{d}/overhead-r18.json", "--preset", "resnet18-cifar-512",
+              estimate_s=120, headline=lambda out: _ratio(out, ">= 0.98")),
+        _perf("overhead-resnet50", "overhead", f"{d}/overhead-r50.json", "--preset", "resnet50-224-256",
+              estimate_s=150, headline=lambda out: _ratio(out, ">= 0.98")),
+        _probe_step("probe-resnet18-cifar", "probe-resnet18-cifar", f"{d}/probe-r18.json", 90,
+                    "--max-batch", "262144"),  # a 139 GiB card holds more than the default's 65536
+        _probe_step("probe-resnet50-224", "probe-resnet50-224", f"{d}/probe-r50.json", 90),
+        _perf("noise-overhead", "noise-overhead", f"{d}/noise-overhead.json", "--device", "cuda",
+              estimate_s=60, headline=lambda out: _overhead_ratios(out, "< 1.01")),
+        _sweep("shapes-gpu-noise", _SHARED_GPU, cap_s=240),
+        _perf("throughput-resnet18", "throughput", f"{d}/throughput-r18.json", "--preset", "resnet18-cifar-512",
+              "--csv", f"{d}/throughput-r18.csv", extra=(f"{d}/throughput-r18.csv",),
+              estimate_s=120, headline=_throughput),
+    )
+
+
+def device_tag(name: str) -> str:
+    """results/ folder name for a GPU model: 'NVIDIA H200' -> 'h200', 'NVIDIA H100 80GB HBM3'
+    -> 'h100'; 'gpu' when no model is recognised."""
+    for token in name.replace(",", " ").replace("-", " ").split():
+        t = token.lower()
+        if len(t) >= 3 and t[0] in "abhlv" and t[1:].isdigit():  # A100, B200, H100, L4.., V100
+            return t
+    return "gpu"
+
+
+PLAN: tuple[Step, ...] = build_plan("h200")  # names and commands; main() builds the one for its GPU
 
 
 # --- done or not ---------------------------------------------------------------------------------
@@ -308,7 +331,8 @@ def run_session(plan: Sequence[Step], root: Path, *, budget_s: float, python: st
             outcomes.append(Outcome(step, f"not started: {left:.0f} s left, needs {need} s"))
             continue
         print(f"--- {step.name} ({left:.0f} s left): {' '.join(step.argv)}", flush=True)
-        outcome = run_step(step, root, python, deadline, log_path.with_suffix(".log"))
+        step_deadline = deadline if step.cap_s is None else min(deadline, time.monotonic() + step.cap_s)
+        outcome = run_step(step, root, python, step_deadline, log_path.with_suffix(".log"))
         if outcome.status == "ok" and step.creates and not is_done(step, root):
             outcome.status = "failed"  # exit 0 without its outputs
         outcomes.append(outcome)
@@ -366,6 +390,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--archive", type=Path, help="write a tar.gz of everything the plan has written here")
     p.add_argument("--force", action="store_true", help="start steps even when their estimate exceeds the time left")
     p.add_argument("--list", action="store_true", help="print the plan and which steps are done, and exit")
+    p.add_argument("--tag", help="results/ folder for the measurements and the log (default: the GPU model "
+                   "nvidia-smi names, e.g. h200; 'gpu' when it names none)")
     return p.parse_args(argv)
 
 
@@ -380,7 +406,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not (root / "bench" / "perf" / "session.py").exists():
         print("error: run this from the repository root (it writes results/ and reports/ there)", file=sys.stderr)
         return 2
-    plan = [s for s in PLAN if not args.only or s.name in args.only]
+    tag = args.tag or device_tag(_device_name())
+    plan = [s for s in build_plan(tag) if not args.only or s.name in args.only]
+    log_rel = LOG_TEMPLATE.format(tag=tag)
     if args.list:
         for s in plan:
             print(f"{s.name:26} {'done' if is_done(s, root) else 'to do':6} ~{s.estimate_s:4d} s  "
@@ -389,9 +417,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.budget_s <= 0:
         print("error: --budget-s must be positive", file=sys.stderr)
         return 2
-    outcomes = run_session(plan, root, budget_s=args.budget_s, force=args.force)
+    outcomes = run_session(plan, root, budget_s=args.budget_s, force=args.force, log_rel=log_rel)
     if args.archive is not None:
-        kept = write_archive(plan, root, args.archive)
+        kept = write_archive(plan, root, args.archive, log_rel)
         print(f"archive {args.archive}: {', '.join(kept) or 'nothing yet'}")
     print(summary_table(outcomes))
     left = [o for o in outcomes if o.status not in ("done before", "ok")]
