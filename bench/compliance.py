@@ -84,15 +84,22 @@ def _system_problems(system: dict) -> list[str]:
     return problems
 
 
+# A run that ended: converged, or stopped as a result (issue 6: a diverged or out-of-memory run
+# is the answer for its batch size, e.g. the linear rule at 4096 on shapes-gpu). It stays in
+# the submission and never counts as reaching the target; a run with no run_stop, or any
+# other status, is unfinished.
+ENDED_STATUSES = ("success", "diverged", "oom")
+
+
 def _run_problems(r: store.RunRecord) -> list[str]:
     name, keys = f"run {r.sweep}/{r.run_id}", [e.get("key") for e in r.events]
     problems = [f"{name}: log has no {k} line" for k in HEADER_KEYS if k not in keys[:len(HEADER_KEYS) + 1]]
     stops = [e for e in r.events if e.get("key") == ev.RUN_STOP]
     status = (stops[-1].get("metadata") or {}).get("status") if stops else None
-    if status != "success":
+    if status not in ENDED_STATUSES:
         problems.append(f"{name}: not complete (run_stop status {status or 'missing'})")
-    elif (r.summary or {}).get("status") != "success":
-        problems.append(f"{name}: summary.json status {(r.summary or {}).get('status')!r}, log says success")
+    elif (r.summary or {}).get("status") != status:
+        problems.append(f"{name}: summary.json status {(r.summary or {}).get('status')!r}, log says {status}")
     return problems
 
 

@@ -3,9 +3,11 @@
 Owns: git sha and dirty flag, package versions, host and CPU description. Reads
 versions through importlib.metadata so it imports neither torch nor ray.
 
-Where the code runs from a copy without git (a lent GPU machine gets the working tree, not
-.git), ``BATCHSCALE_GIT_SHA`` in the environment names the commit instead, and
-``git_sha_from`` says which of the two it came from.
+Where the code runs from a copy of the working tree (a lent GPU machine), git there may be
+missing or tell another story: the lent H200 held a .git at the last *landed* commit with
+this tree as uncommitted changes. So ``BATCHSCALE_GIT_SHA`` in the environment, when set,
+names the commit and wins; ``git_sha_from`` says where ``git_sha`` came from, and
+``git_checkout_sha`` / ``git_dirty`` keep what git itself said there.
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ def fingerprint(cluster_file: str | None = None) -> dict:
     given = os.environ.get("BATCHSCALE_GIT_SHA", "").strip() or None
     return {
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": sha or given,
-        "git_sha_from": "git" if sha else ("BATCHSCALE_GIT_SHA" if given else None),
+        "git_sha": given or sha,
+        "git_sha_from": "BATCHSCALE_GIT_SHA" if given else ("git" if sha else None),
+        "git_checkout_sha": sha,
         "git_dirty": None if status is None else bool(status),
         "python": sys.version.split()[0],
         "batchscale": _version("batchscale"),

@@ -104,12 +104,23 @@ class ProbeMismatch(ValueError):
 
 # --- search and fit (pure) --------------------------------------------------------------------
 
-def search(fits: Callable[[int], bool], start: int = 1, max_batch: int = 65536) -> tuple[int, Optional[int]]:
-    """(largest fitting batch, smallest failing batch) of a monotone `fits`: doubling from
-    `start` (the last try is max_batch itself), then bisection between the last fit and the
-    first failure. A failing `start` bisects down from it; largest 0 means 1 fails too."""
+DEFAULT_RESOLUTION = 1 / 128  # bisection stops within 0.8 % of the limit
+
+
+def search(fits: Callable[[int], bool], start: int = 1, max_batch: int = 65536,
+           resolution: float = DEFAULT_RESOLUTION) -> tuple[int, Optional[int]]:
+    """(largest fitting batch, smallest failing batch tried) of a monotone `fits`: doubling
+    from `start` (the last try is max_batch itself), then bisection between the last fit and
+    the first failure until they are within `resolution` of the fit (and at least 1) apart.
+    A failing `start` bisects down from it; largest 0 means 1 fails too.
+
+    Why not to the last sample: near the limit each try is the slowest of the probe (the
+    ResNet-18 probe on an H200 spent 50 of its 61 s on ten tries between 61440 and 61611),
+    and a micro-batch 0.8 % under the limit changes nothing a sweep chooses."""
     if not 1 <= start <= max_batch:
         raise ValueError(f"need 1 <= start <= max_batch, got start={start}, max_batch={max_batch}")
+    if not 0 <= resolution < 1:
+        raise ValueError(f"need 0 <= resolution < 1, got {resolution}")
     lo, hi, b = 0, None, start
     while True:
         if fits(b):
@@ -120,7 +131,7 @@ def search(fits: Callable[[int], bool], start: int = 1, max_batch: int = 65536) 
         else:
             hi = b
             break
-    while hi - lo > 1:
+    while hi - lo > max(1, int(lo * resolution)):
         mid = (lo + hi) // 2
         if fits(mid):
             lo = mid

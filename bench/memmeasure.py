@@ -38,7 +38,7 @@ from typing import Callable, Optional
 
 import torch
 
-from bench.memfit import (DEFAULT_SAFETY_MARGIN, ProbeResult, Try, fit_linear, format_mib as _mib,
+from bench.memfit import (DEFAULT_RESOLUTION, DEFAULT_SAFETY_MARGIN, ProbeResult, Try, fit_linear, format_mib as _mib,
                           limit_check, memory_key, per_worker_batches, predict_largest, search)
 from bench.memstep import (ACCUM_MICRO_BATCHES, HEAP_FREE_NOTE_BYTES, RssMeter, _CpuStep, _CudaStep, _Training,
                            fix_mmap_threshold, heap_free_bytes, input_spec)
@@ -89,7 +89,8 @@ def _run_try(step: Callable[[int], int], b: int, cap: Optional[int]) -> tuple[Tr
 # --- the probe -------------------------------------------------------------------------------
 
 def probe(sweep, *, device: str | torch.device = "cuda", memory_cap_bytes: Optional[int] = None,
-          start: int = 1, max_batch: int = 65536, safety_margin: float = DEFAULT_SAFETY_MARGIN,
+          start: int = 1, max_batch: int = 65536, resolution: float = DEFAULT_RESOLUTION,
+          safety_margin: float = DEFAULT_SAFETY_MARGIN,
           repeats: int = 2, step: Optional[Callable[[int], int]] = None,
           on_try: Optional[Callable[[Try, dict], None]] = None, check_eval: bool = True) -> ProbeResult:
     """Find the largest micro-batch of `sweep`'s training step that fits on `device`.
@@ -202,7 +203,7 @@ def probe(sweep, *, device: str | torch.device = "cuda", memory_cap_bytes: Optio
                 on_try(t, info)
             return t.ok
 
-        largest, first_fail = (0, None) if reserve_fails else search(fits, start, max_batch)
+        largest, first_fail = (0, None) if reserve_fails else search(fits, start, max_batch, resolution)
         if check_eval and step is None and not reserve_fails:
             eval_check = _check_eval(the_step, sweep, spec.streaming, memory_cap_bytes)
     finally:
@@ -240,7 +241,7 @@ def probe(sweep, *, device: str | torch.device = "cuda", memory_cap_bytes: Optio
         setup={"workload": sweep.workload, "model": sweep.model_name, "precision": sweep.precision,
                "channels_last": sweep.channels_last, "optimizer": sweep.optimizer.name,
                "accum_micro_batches_per_step": ACCUM_MICRO_BATCHES, "repeats": repeats, "start": start,
-               "max_batch": max_batch, "outside_bytes": outside,
+               "max_batch": max_batch, "resolution": resolution, "outside_bytes": outside,
                "heap_free_at_baseline_bytes": heap_free, "torch": torch.__version__},
         notes=notes)
 

@@ -22,7 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.memfit import (DEFAULT_SAFETY_MARGIN, Try, default_output, format_mib as _mib,
+from bench.memfit import (DEFAULT_RESOLUTION, DEFAULT_SAFETY_MARGIN, Try, default_output, format_mib as _mib,
                           micro_batch_per_worker_batch, nothing_fits, write_probe)
 
 GIB = 2**30
@@ -49,6 +49,8 @@ def cmd_probe_memory(args: argparse.Namespace) -> int:
         raise UserError("--cpu-memory-cap-gib applies to --device cpu; use --gpu-memory-cap-gib")
     if cap_gib is not None and not 0 < cap_gib < 1e6:
         raise UserError(f"memory cap must be a positive number of GiB, got {cap_gib}")
+    if not 0 <= args.resolution < 100:
+        raise UserError(f"--resolution must be a percentage in [0, 100), got {args.resolution:g}")
     if not 1 <= args.start <= args.max_batch:
         raise UserError(f"need 1 <= --start <= --max-batch, got {args.start} and {args.max_batch}")
     if not 0 <= args.safety_margin < 1:
@@ -69,7 +71,8 @@ def cmd_probe_memory(args: argparse.Namespace) -> int:
           + (f", cap {cap_gib:g} GiB" if cap else ""), flush=True)
     try:
         result = probe(sweep, device=device, memory_cap_bytes=cap, start=args.start, max_batch=args.max_batch,
-                       safety_margin=args.safety_margin, repeats=args.repeats, on_try=show)
+                       resolution=args.resolution / 100, safety_margin=args.safety_margin,
+                       repeats=args.repeats, on_try=show)
     except OSError as err:
         raise UserError(f"{sweep_path}: cannot load workload {sweep.workload!r}: {err}", EXIT_FAILED) from None
     try:
@@ -111,6 +114,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory-cap-gib", type=float, help="with --device cuda: probe as if the GPU had this much")
     p.add_argument("--start", type=int, default=1, help="first micro-batch tried (default 1; doubles from there)")
     p.add_argument("--max-batch", type=int, default=65536, help="largest micro-batch tried (default 65536)")
+    p.add_argument("--resolution", type=float, default=DEFAULT_RESOLUTION * 100, metavar="PERCENT",
+                   help="stop bisecting within this share of the limit (default %(default).2g %%; 0: to the "
+                        "last sample)")
     p.add_argument("--safety-margin", type=float, default=DEFAULT_SAFETY_MARGIN,
                    help="share of memory kept free in the prediction (default 0.1)")
     p.add_argument("--repeats", type=int, default=2, choices=range(1, 11), metavar="N",

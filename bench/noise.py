@@ -27,9 +27,11 @@ not None), after the usual optimizer.zero_grad():
         probe.after_micro_backward()
     sample = probe.finish()          # all-reduces .grad (mean over workers), like DDP would
     optimizer.step()                 # .grad is exactly what a normal DDP step would hold
+    pending.append((step, sample))   # still on the device: no host sync on the step
     ...
-    g_small_sq, g_big_sq = sample.read()                # one host sync, every k steps only
-    b_simple = ema.update(g_small_sq, g_big_sq, sample.b_small, sample.b_big)
+    # at the end of the epoch (the loop synchronises there anyway): one read for all of them
+    for (step, sample), (g_small_sq, g_big_sq) in zip(pending, read_samples(samples)):
+        b_simple = ema.update(g_small_sq, g_big_sq, sample.b_small, sample.b_big)
     -> event gradient_noise_scale: value b_simple (None until defined),
        metadata {"step": step, **ema.metadata()}  (this step's raw grad_sq_small/big and
        b_small/b_big; the EMA trace_sigma and g_sq)
@@ -55,7 +57,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -223,6 +225,16 @@ class NoiseSample:
         both = torch.stack([self.grad_sq_small.float(), self.grad_sq_big.float().to(device)])
         small, big = both.tolist()
         return small, big
+
+
+def read_samples(samples: Sequence[NoiseSample]) -> list[tuple[float, float]]:
+    """(|G_b|^2, |G_B|^2) of each sample, read to the host in one synchronisation."""
+    if not samples:
+        return []
+    device = samples[0].grad_sq_small.device
+    flat = torch.stack([t for s in samples for t in (s.grad_sq_small.float().reshape(()),
+                                                     s.grad_sq_big.float().to(device).reshape(()))]).tolist()
+    return list(zip(flat[0::2], flat[1::2]))
 
 
 class GradNoiseProbe:

@@ -12,7 +12,11 @@ imports this module to build its parser).
 Model (every row that uses an assumption says so in its ``note``; all are in ``assumptions``):
 - GPUs = Ray Train workers (one accelerator per worker); W0 = the smallest measured worker count.
 - steps(B): mean measured steps-to-target at B where a run reached the target, else the fit
-  S_min (1 + B_crit / B) over all measured batches (Shallue et al. 2018, McCandlish et al. 2018).
+  S_min (1 + B_crit / B) over all measured batches (Shallue et al. 2018, McCandlish et al. 2018);
+  but from the smallest global batch at which no measured run reached the target (diverged,
+  say) upwards, nothing: steps depend on the global batch alone, not on the GPU count, and the
+  fit cannot see past a failure (shapes-gpu on an H200 diverged at 4096 while the fit, from
+  128..2048, promised 117 steps there).
 - r(b): samples/s per GPU with W0 workers at per-GPU batch b, interpolated linearly in log2(b)
   between measured per-GPU batches. Below the smallest measured b the step time is held (latency
   bound: r = r(b_min) b / b_min); above the largest, samples/s per GPU is held.
@@ -157,7 +161,8 @@ def _grid(measured, max_gpus: int | None, batch_sizes: Sequence[int] | None, fit
     return [(b, w) for b in batches for w in gpus if b % w == 0]
 
 
-def _row(b: int, w: int, measured_at: dict, steps_at: dict, fit: dict, tp: _Throughput, mem, ranges: str) -> dict:
+def _row(b: int, w: int, measured_at: dict, steps_at: dict, fit: dict, tp: _Throughput, mem, ranges: str,
+         b_fail: int | None = None) -> dict:
     m = measured_at.get((b, w))
     if m is not None:
         note = f"{m['n_reached']} of {m['n_runs']} runs reached the target" if m["n_reached"] < m["n_runs"] else ""
@@ -166,6 +171,15 @@ def _row(b: int, w: int, measured_at: dict, steps_at: dict, fit: dict, tp: _Thro
                 "peak_memory_gib": m["peak_memory_gib"], "source": "measured", "note": note}
     notes = tp.notes(b, w)
     steps = steps_at.get(b)
+    if steps is None and b_fail is not None and b >= b_fail:
+        # Data parallelism does not change the optimisation: a global batch that never reached
+        # the target does not on more GPUs either, and the fit says nothing past a failure.
+        why = (f"global batch {b}: no measured run reached the target, on any GPU count" if b == b_fail
+               else f"beyond global batch {b_fail}, where no measured run reached the target")
+        sps = tp.samples_per_s(b, w)
+        return {"global_batch_size": b, "num_gpus": w, "steps_to_target": math.nan, "samples_per_s": sps,
+                "time_to_target_s": math.nan, "peak_memory_gib": mem(b / w) if mem else math.nan,
+                "source": "extrapolated", "note": f"{why}: not extrapolated"}
     if steps is None:
         steps = fit["S_min"] * (1 + fit["B_crit"] / b)
         notes.insert(0, "steps from the fit S_min(1 + B_crit/B)")
@@ -201,8 +215,11 @@ def plan_capacity(runs_df, *, target_accuracy: float, deadline_s: float | None =
     mb = (int(measured["global_batch_size"].min()), int(measured["global_batch_size"].max()))
     mg = (int(measured["num_workers"].min()), int(measured["num_workers"].max()))
     ranges = f"measured batches {_span(*mb)}, {_span(*mg)} GPUs"
-    rows = [_row(b, w, measured_at, steps_at, fit, tp, mem, ranges)
-            for b, w in _grid(measured, max_gpus, batch_sizes, fit_ok)
+    per_batch = measured.groupby("global_batch_size")["n_reached"].sum()
+    never = sorted(int(b) for b, n in per_batch.items() if n == 0)
+    b_fail = never[0] if never else None  # the smallest global batch at which no run reached it
+    rows = [_row(b, w, measured_at, steps_at, fit, tp, mem, ranges, b_fail)
+            for b, w in _grid(measured, max_gpus, batch_sizes, fit_ok and b_fail is None)
             if (b, w) in measured_at or b in steps_at or fit_ok]
     table = pd.DataFrame(rows)
     table.insert(2, "per_gpu_batch_size", table["global_batch_size"] / table["num_gpus"])

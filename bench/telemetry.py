@@ -264,6 +264,7 @@ class Sampler:
         self._process, self._stats = _ProcessProbe(), _Stats(0)
         self._pending: list[list[Any]] = []
         self._stop_event = threading.Event()
+        self._sampled = threading.Event()  # set after the first tick
         self._thread: threading.Thread | None = None
         self._summary: dict[str, Any] | None = None
 
@@ -324,6 +325,11 @@ class Sampler:
             with contextlib.suppress(Exception):  # shutting down is best effort
                 nvml.nvmlShutdown()
 
+    def wait_first_sample(self, timeout_s: float = 5.0) -> bool:
+        """Block until the thread has taken its first sample (its start-up done); False on
+        timeout or when it stopped before one. For measurements of the steady state."""
+        return self._sampled.wait(timeout_s)
+
     def stop(self) -> dict[str, Any]:
         """Stop the thread (it ends within one period), write the last rows, shut NVML down
         and return the summary. Idempotent."""
@@ -379,6 +385,7 @@ class Sampler:
             self._stats.add(rss_gib, cpu_pct)
             rows.append({**base, "kind": "cpu"})
         self._stats.num_samples += 1
+        self._sampled.set()
         self._pending.extend([row.get(col) for col in COLUMNS] for row in rows)
         if len(self._pending) >= self.chunk_rows:
             self._flush()

@@ -87,7 +87,7 @@ def test_packaged_sweeps_validate_and_plan(capsys, tmp_path):
         assert main(["run", name, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "gbs000450-w001-s0: per-worker 450 = 1 x 450, 2 steps/epoch x 200 epochs" in out
-    assert "gbs008192-w001-s0: per-worker 8192 = 128 x 64, 7 steps/epoch x 30 epochs, peak lr 3.2" in out
+    assert "gbs008192-w002-s0: per-worker 4096 = 1 x 4096, 7 steps/epoch x 30 epochs, peak lr 3.2" in out
     # shapes-gpu takes its micro-batches from a GPU memory probe: without one, a clear refusal.
     assert load_sweep("shapes-gpu")[0].max_micro_batch_size == "auto"
     assert main(["run", "shapes-gpu", "--dry-run", "--results-dir", str(tmp_path)]) == 2

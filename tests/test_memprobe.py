@@ -90,6 +90,23 @@ def test_search_matches_every_threshold(start: int) -> None:
         assert len(calls) <= 2 * math.log2(128) + 2
 
 
+def test_bisection_stops_within_its_resolution() -> None:
+    """The H200 ResNet-18 case: limit 61610, doubling fails at 65536."""
+    calls: list[int] = []
+
+    def fits(b: int) -> bool:
+        calls.append(b)
+        return b <= 61610
+
+    largest, first_fail = memfit.search(fits, 1, 262144)  # default: within 1/128 of the fit
+    assert largest <= 61610 < first_fail and first_fail - largest <= largest // 128
+    assert len(calls) == 17 + 7  # doubling 1..65536, then 7 bisection tries instead of 15
+    calls.clear()
+    assert memfit.search(fits, 1, 262144, resolution=0) == (61610, 61611) and len(calls) == 17 + 15
+    with pytest.raises(ValueError, match="resolution"):
+        memfit.search(fits, 1, 8, resolution=1.0)
+
+
 def test_fit_and_prediction_helpers() -> None:
     assert memfit.fit_linear([(1, 5.0)]) is None
     assert memfit.fit_linear([(4, 5.0), (4, 7.0)]) is None
@@ -227,7 +244,9 @@ def test_rss_meter_sees_an_allocation_and_its_release() -> None:
 
 def test_tiny_model_probe_on_cpu(sweep) -> None:
     r = probe(sweep, device="cpu", memory_cap_bytes=8 * MIB)
-    assert r.largest_fit > 1000 and r.first_fail == r.largest_fit + 1  # blobs MLP: ~1 KB/sample
+    assert r.largest_fit > 1000  # blobs MLP: ~1 KB/sample
+    assert r.largest_fit < r.first_fail <= r.largest_fit + r.largest_fit // 128  # default resolution
+    assert r.setup["resolution"] == memfit.DEFAULT_RESOLUTION
     assert r.reserved_bytes == {"resident_data": 1000 * (2 * 4 + 8)}  # 1000 samples, 2 floats + label
     assert r.per_sample_bytes and 100 < r.per_sample_bytes < 10_000
     ok = [t for t in r.tries if t.ok]
@@ -428,7 +447,7 @@ def test_cuda_path_with_a_simulated_gpu(sweep, monkeypatch) -> None:
 
     monkeypatch.setattr(memmeasure, "_Training", FakeTraining)
     monkeypatch.setattr(memmeasure, "input_spec", lambda s, seed=0: memstep.InputSpec((2,), 3, "none", False))
-    r = probe(sweep, device="cuda", memory_cap_bytes=512 * MIB, safety_margin=0.0)
+    r = probe(sweep, device="cuda", memory_cap_bytes=512 * MIB, safety_margin=0.0, resolution=0)
     assert (r.largest_fit, r.first_fail) == (462, 463)  # 50 MiB + 462 MiB = the 512 MiB cap
     assert state["fractions"] == [0.5, 1.0]  # the cap as allocator fraction, then restored
     assert r.device == "FakeGPU" and r.total_bytes == 512 * MIB and r.budget_bytes == 512 * MIB
@@ -439,7 +458,7 @@ def test_cuda_path_with_a_simulated_gpu(sweep, monkeypatch) -> None:
     assert state["empties"] >= len(r.tries)
     assert r.eval_check == {"chunk": 500, "ok": True, "peak_bytes": 50 * MIB + 125 * MIB, "error": None}
     state["fractions"].clear()
-    r = probe(sweep, device="cuda", safety_margin=0.1, check_eval=False)
+    r = probe(sweep, device="cuda", safety_margin=0.1, check_eval=False, resolution=0)
     assert r.largest_fit == 874 and r.budget_bytes == int(924 * MIB * 0.9)  # less the context
     assert r.predicted_largest == int((924 * 0.9 - 50))
 

@@ -261,3 +261,12 @@ def test_probe_under_ddp_with_two_gloo_ranks(tmp_path: Path) -> None:
         assert res[0]["small"] > res[0]["big"] > 0
     for r in ranks:                                                  # means of 0, 1 and of 0, 2
         assert [t.tolist() for t in r["mixed"]] == [[0.5] * 3, [0.5] * 2, 1.0]
+
+
+def test_read_samples_reads_many_in_one_go_as_each_would_alone() -> None:
+    from bench import noise
+
+    samples = [noise.NoiseSample(torch.tensor(float(i)), torch.tensor(i / 2.0, dtype=torch.float64), 4, 8)
+               for i in range(5)]
+    assert noise.read_samples(samples) == [s.read() for s in samples]
+    assert noise.read_samples([]) == []

@@ -122,6 +122,24 @@ def test_cheapest_meeting_a_deadline():
     assert none.cheapest is None and "nothing reaches 0.9 within 0.5 s" in none.recommendation
 
 
+def test_nothing_is_extrapolated_at_or_past_a_batch_that_never_reached_the_target():
+    """As shapes-gpu on an H200: 256 diverged on one GPU; the fit over 32..128 would promise
+    it (and 512) a few hundred steps, but the optimisation is the same on any GPU count."""
+    df = _runs_df()
+    diverged = [{"sweep": "hand", "run_id": "b256-w1-s0", "global_batch_size": 256, "num_workers": 1, "seed": 0,
+                 "steps_to_target": math.nan, "time_to_target_s": math.nan, "samples_per_s": 12000.0,
+                 "status": "diverged", "target_accuracy": 0.9, "peak_memory_gib": 3.56}]
+    result = plan_capacity(pd.concat([df, pd.DataFrame(diverged)], ignore_index=True), target_accuracy=0.9,
+                           max_gpus=4)
+    assert sorted(set(result.table["global_batch_size"])) == [32, 64, 128, 256]  # no 512, 1024 appended
+    for w in (1, 2, 4):
+        row = _row(result, 256, w)
+        assert math.isnan(row["time_to_target_s"]) and not row["meets_deadline"]
+    assert "no measured run reached the target, on any GPU count" in _row(result, 256, 2)["note"]
+    assert _row(result, 128, 4)["time_to_target_s"] > 0  # below the failure: extrapolated as before
+    assert result.fastest["global_batch_size"] <= 128 and result.cheapest["global_batch_size"] <= 128
+
+
 def test_wrong_target_is_refused():
     with pytest.raises(ValueError, match="target_accuracy=0.8"):
         plan_capacity(_runs_df(), target_accuracy=0.8)

@@ -414,9 +414,11 @@ class DriverDidNotStopCleanly(Exception):
     """Raised (instead of an assert) for the known exit-code bug, so the xfail covers only it."""
 
 
-def _driver(sweep: Path, results: Path) -> subprocess.Popen:
+def _driver(sweep: Path, results: Path, fault: str | None = None) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "BATCHSCALE_FAULT"}
     return subprocess.Popen([sys.executable, "-m", "bench", "run", str(sweep), "--results-dir", str(results)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, **({"BATCHSCALE_FAULT": fault} if fault else {})})
 
 
 def _wait_for(predicate, proc: subprocess.Popen, what: str) -> None:
@@ -448,7 +450,9 @@ def test_interrupted_sweep_keeps_complete_runs_and_resumes(sig, tmp_path: Path, 
     sweep = write_yaml(tmp_path / "intr.yaml", INTERRUPT_SWEEP)
     results = tmp_path / "results"
     runs = results / "intr"
-    proc = _driver(sweep, results)
+    # The second run takes under a second here: it stalls after epoch 1 so that the signal
+    # always lands mid-run (it once finished first on a 2-core machine).
+    proc = _driver(sweep, results, fault=f"{SECOND}:1:stall")
     _wait_for(lambda: (runs / FIRST / SUMMARY).exists() and (runs / SECOND / EVENTS).exists(), proc,
               "the first run complete and the second started")
     proc.send_signal(sig)
@@ -475,12 +479,20 @@ def test_interrupted_sweep_keeps_complete_runs_and_resumes(sig, tmp_path: Path, 
         raise DriverDidNotStopCleanly(f"exit code {code}, last stderr line {last!r}\n{err[-2000:]}")
 
 
-def test_fingerprint_takes_the_commit_from_the_environment_without_git(monkeypatch) -> None:
+def test_fingerprint_takes_the_commit_from_the_environment_when_named(monkeypatch) -> None:
     """A lent GPU machine gets the working tree without .git: the caller names the commit."""
     from bench import fingerprint as fp
 
+    monkeypatch.delenv("BATCHSCALE_GIT_SHA", raising=False)
     with_git = fp.fingerprint(None)
     assert with_git["git_sha_from"] == "git" and len(with_git["git_sha"]) == 40
+    # a copy whose .git is at another commit (the lent H200's held the last landed one): the
+    # named commit wins, and what git said is kept beside it
+    monkeypatch.setenv("BATCHSCALE_GIT_SHA", "0123abcd")
+    both = fp.fingerprint(None)
+    assert (both["git_sha"], both["git_sha_from"], both["git_checkout_sha"]) == (
+        "0123abcd", "BATCHSCALE_GIT_SHA", with_git["git_sha"])
+    monkeypatch.delenv("BATCHSCALE_GIT_SHA")
     monkeypatch.setattr(fp, "_git", lambda *args: None)
     monkeypatch.delenv("BATCHSCALE_GIT_SHA", raising=False)
     assert (fp.fingerprint(None)["git_sha"], fp.fingerprint(None)["git_sha_from"]) == (None, None)

@@ -114,6 +114,18 @@ def test_run_removed_from_a_package_is_caught(clean, tmp_path):
     assert any("missing seeds [0]" in p for p in problems)
 
 
+def test_a_diverged_run_is_a_result_not_a_violation(clean, tmp_path):
+    """Failures are results: a run that diverged (log and summary agree) stays in a valid
+    submission; only the checksums of the two edited files notice the edit here."""
+    copy = _copy(clean, tmp_path)
+    log = copy / "results" / "demo" / "gbs000004-w001-s0.log"
+    log.write_text(log.read_text().replace('"status": "success"', '"status": "diverged"'))
+    summary = copy / "runs" / "demo" / "gbs000004-w001-s0" / "summary.json"
+    summary.write_text(summary.read_text().replace('"status": "success"', '"status": "diverged"'))
+    assert [p.split(" was modified")[0] for p in compliance.check_submission(copy)] == [
+        "checksums: results/demo/gbs000004-w001-s0.log", "checksums: runs/demo/gbs000004-w001-s0/summary.json"]
+
+
 def test_edited_file_is_caught(clean, tmp_path):
     copy = _copy(clean, tmp_path)
     summary = copy / "runs" / "demo" / "gbs000064-w001-s1" / "summary.json"
@@ -152,9 +164,12 @@ def test_missing_system_field_and_failed_run(clean, tmp_path):
     (copy / "system.json").write_text(json.dumps(system))
     log = copy / "results" / "demo" / "gbs000004-w001-s0.log"
     log.write_text(log.read_text().replace('"status": "success"', '"status": "diverged"'))
+    log2 = copy / "results" / "demo" / "gbs000016-w001-s0.log"
+    log2.write_text(log2.read_text().replace('"status": "success"', '"status": "aborted"'))
     problems = [p for p in compliance.check_submission(copy) if not p.startswith("checksums:")]
     assert problems == ["system.json: field 'cooling' missing", "system.json: field 'framework' is empty",
-                        "run demo/gbs000004-w001-s0: not complete (run_stop status diverged)"]
+                        "run demo/gbs000004-w001-s0: summary.json status 'success', log says diverged",
+                        "run demo/gbs000016-w001-s0: not complete (run_stop status aborted)"]
 
 
 def test_refuses_incomplete_runs_and_leaves_nothing(tmp_path):

@@ -315,6 +315,17 @@ def test_thread_stops_within_one_period(tmp_path):
     assert sampler.stop() == summary  # idempotent
 
 
+def test_wait_first_sample_returns_once_the_thread_has_sampled(tmp_path):
+    sampler = Sampler(tmp_path / "t.csv", run_id="r", rank=0, hz=0.5, nvml=four_gpus(), gpu_ids=["0"])
+    assert not sampler.wait_first_sample(timeout_s=0.05)  # not started: nothing to wait for
+    sampler.start()
+    try:
+        assert sampler.wait_first_sample(timeout_s=5.0)
+        assert sampler._stats.num_samples >= 1
+    finally:
+        sampler.stop()
+
+
 def test_rows_are_written_in_chunks_and_readable_mid_run(tmp_path):
     path = tmp_path / "t.csv"
     sampler = Sampler(path, run_id="r", rank=3, hz=200, nvml=four_gpus(), gpu_ids=["1"],

@@ -84,6 +84,8 @@ def test_noise_scale_probe_is_logged_and_leaves_training_unchanged(tmp_path: Pat
     assert on["final_train_loss"] == pytest.approx(off["final_train_loss"], rel=1e-5)
     gns = [e for e in ev.read_events(run_dir.events_path) if e["key"] == ev.GRADIENT_NOISE_SCALE]
     assert len(gns) == plan.total_steps // 2
+    # read in one sync per epoch, but logged with the step each probe ran at, in order
+    assert [e["metadata"]["step"] for e in gns] == list(range(0, plan.total_steps, 2))
     last = gns[-1]
     assert last["metadata"]["b_small"] == 25 and last["metadata"]["b_big"] == 100
     assert last["value"] is not None and last["value"] > 0

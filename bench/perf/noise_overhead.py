@@ -11,8 +11,8 @@ median of per-round ratios B/A (with min/max), because the spread between rounds
 large as the effect (DESIGN.md, performance notes).
 
 What B pays on top of A: on a probe step, one gradient norm per micro-batch, a copy/add/zero
-of the gradients per extra micro-batch, the final norm, and one host read for the EMA
-(``bench.noise`` docstring). Not measured here: with several workers the probe step also
+of the gradients per extra micro-batch and the final norm; at the end of each block (an
+epoch in a run) one host read of all its probes for the EMA (``bench.noise`` docstring). Not measured here: with several workers the probe step also
 runs the gradient all-reduce after backward instead of overlapped with it (an upper bound on
 that is ``bench.noise.time_probe_s(world_size > 1)``).
 
@@ -76,6 +76,7 @@ def _block(trainer, epoch: int, steps: int, device: torch.device) -> float:
     t0 = time.perf_counter()
     for s, (micro_batches, num_global) in enumerate(trainer.feed.steps(epoch, steps)):
         trainer.train_step(micro_batches, num_global, s)
+    trainer.log_noise_scale()  # the block's probes read and logged, as at the end of an epoch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0

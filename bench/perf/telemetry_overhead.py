@@ -29,7 +29,9 @@ from bench.telemetry import Sampler, gpu_ids_from_torch_uuid
 NUM_CLASSES = 10
 # device -> defaults that keep a CPU run a few seconds and make a GPU step worth measuring
 DEFAULTS = {
-    "cuda": {"micro_batch_size": 256, "width": 64, "image_size": 32, "steps_per_round": 50,
+    # 300 steps (~2 s on an H200) per block: at 50 (0.35 s) the blocks' own spread was 0.92-1.21
+    # on an H200 (results/h200/telemetry-overhead.json), far above the 0.5 % being measured.
+    "cuda": {"micro_batch_size": 256, "width": 64, "image_size": 32, "steps_per_round": 300,
              "warmup_steps": 20},
     "cpu": {"micro_batch_size": 4, "width": 4, "image_size": 8, "steps_per_round": 3,
             "warmup_steps": 1},
@@ -103,8 +105,9 @@ def _sync(device: torch.device) -> None:
 def time_block(step: Callable[[], None], num_steps: int, device: torch.device,
                sampler: Sampler | None) -> tuple[float, dict[str, Any] | None]:
     """(mean step time in ms over the block, sampler summary or None)."""
-    if sampler is not None:
+    if sampler is not None:  # timed from its first sample on: the steady state a run sees
         sampler.start()
+        sampler.wait_first_sample()
     _sync(device)
     start_s = time.perf_counter()
     for _ in range(num_steps):
