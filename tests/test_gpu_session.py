@@ -121,7 +121,7 @@ def test_headlines_read_what_the_scripts_write(tmp_path: Path) -> None:
     h.mkdir(parents=True)
     (h / "overhead-r18.json").write_text(json.dumps(
         {"device_name": "NVIDIA H100 80GB HBM3", "ratio": {"median": 0.991, "min": 0.982, "max": 0.997}}))
-    (h / "noise-overhead.json").write_text(json.dumps({"device": "x", "overhead_ratio": {"every 10": 1.004}}))
+    (h / "noise-overhead-epoch-read.json").write_text(json.dumps({"device": "x", "overhead_ratio": {"every 10": 1.004}}))
     (h / "throughput-r18.json").write_text(json.dumps({"rows": [
         {"batch_size": 32, "status": "ok", "samples_per_s": 1000.0, "tflops": 1.0},
         {"batch_size": 64, "status": "ok", "samples_per_s": 1900.0, "tflops": 2.0},
