@@ -346,7 +346,8 @@ class Trainer:
             # Ray Train V2 registers a reported checkpoint when its controller next polls the
             # workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default); wait past that so
             # the test exercises "resume from the last checkpoint", then die without cleanup.
-            time.sleep(2.5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
+            # (at least 10 s: the polls lag on a loaded 2-core machine)
+            time.sleep(max(10.0, 2.5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0))))
             os._exit(17)
 
     def summary(self, status: str, failure: dict | None, epoch: int) -> dict:

@@ -10,6 +10,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Ray Train gives a worker group 60 s to start; two cold workers on 2 busy CI cores can need
+# more. Set for the whole session, so the driver subprocesses the tests start inherit it too.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tiny models on a shared 2-core machine: extra intra-op threads only spin (measured: a

@@ -411,7 +411,7 @@ DEADLINE_S = 300  # Ray start-up on a loaded 2-core machine takes ~30 s; fail ra
 
 
 class DriverDidNotStopCleanly(Exception):
-    """Raised (instead of an assert) for the known exit-code bug, so the xfail covers only it."""
+    """The driver did not end with exit code 130 and its one-line message (or printed a traceback)."""
 
 
 def _driver(sweep: Path, results: Path, fault: str | None = None) -> subprocess.Popen:
@@ -474,9 +474,11 @@ def test_interrupted_sweep_keeps_complete_runs_and_resumes(sig, tmp_path: Path, 
         assert sorted(r["run_id"] for r in rows) == [FIRST, SECOND, THIRD]
         assert all(r["status"] == "success" for r in rows)
 
-    last = stderr_lines(err)[-1] if err.strip() else ""
-    if code != 130 or "Traceback" in err or not last.startswith("batchscale: error: interrupted;"):
-        raise DriverDidNotStopCleanly(f"exit code {code}, last stderr line {last!r}\n{err[-2000:]}")
+    # Ray's background threads may still print while the process exits: the message must be
+    # there, not necessarily last.
+    said = any(line.startswith("batchscale: error: interrupted;") for line in stderr_lines(err))
+    if code != 130 or "Traceback" in err or not said:
+        raise DriverDidNotStopCleanly(f"exit code {code}, interrupted message printed: {said}\n{err[-2000:]}")
 
 
 def test_fingerprint_takes_the_commit_from_the_environment_when_named(monkeypatch) -> None:
