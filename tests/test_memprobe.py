@@ -21,6 +21,8 @@ from bench.memmeasure import probe
 from bench.plan import split_batch
 from conftest import TINY_SWEEP, write_yaml
 
+REPO = Path(__file__).resolve().parent.parent
+
 MIB = 2**20
 
 
@@ -242,22 +244,28 @@ def test_rss_meter_sees_an_allocation_and_its_release() -> None:
     assert after < 16 * MIB
 
 
-def test_tiny_model_probe_on_cpu(sweep) -> None:
-    r = probe(sweep, device="cpu", memory_cap_bytes=8 * MIB)
-    assert r.largest_fit > 1000  # blobs MLP: ~1 KB/sample
-    assert r.largest_fit < r.first_fail <= r.largest_fit + r.largest_fit // 128  # default resolution
-    assert r.setup["resolution"] == memfit.DEFAULT_RESOLUTION
-    assert r.reserved_bytes == {"resident_data": 1000 * (2 * 4 + 8)}  # 1000 samples, 2 floats + label
-    assert r.per_sample_bytes and 100 < r.per_sample_bytes < 10_000
-    ok = [t for t in r.tries if t.ok]
-    assert all(t.peak_bytes <= 8 * MIB for t in ok)
-    assert all(t.peak_bytes > 8 * MIB for t in r.tries if not t.ok)
-    assert r.predicted_largest and 0.5 < r.predicted_largest / r.largest_fit < 1.1
-    assert r.eval_check and r.eval_check["ok"] and r.eval_check["chunk"] == 500
-    assert "VmHWM" in r.measurement or "psutil" in r.measurement
-    heap_free = r.setup["heap_free_at_baseline_bytes"]
+def test_tiny_model_probe_on_cpu(tiny_sweep: Path, tmp_path: Path) -> None:
+    """A real CPU probe, in a fresh process as `batchscale probe-memory` runs: in this one the
+    earlier tests' freed memory (and the session's Ray threads) would be in the measurement."""
+    out = tmp_path / "probe.json"
+    done = subprocess.run([sys.executable, "-m", "bench", "probe-memory", str(tiny_sweep), "--device", "cpu",
+                           "--cpu-memory-cap-gib", str(8 / 1024), "-o", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    r = json.loads(out.read_text())
+    assert r["largest_fit"] > 1000  # blobs MLP: ~1 KB/sample
+    assert r["largest_fit"] < r["first_fail"] <= r["largest_fit"] + r["largest_fit"] // 128  # default resolution
+    assert r["setup"]["resolution"] == memfit.DEFAULT_RESOLUTION
+    assert r["reserved_bytes"] == {"resident_data": 1000 * (2 * 4 + 8)}  # 1000 samples, 2 floats + label
+    assert r["per_sample_bytes"] and 100 < r["per_sample_bytes"] < 10_000
+    assert all(t["peak_bytes"] <= 8 * MIB for t in r["tries"] if t["ok"])
+    assert all(t["peak_bytes"] > 8 * MIB for t in r["tries"] if not t["ok"])
+    assert r["predicted_largest"] and 0.5 < r["predicted_largest"] / r["largest_fit"] < 1.1
+    assert r["eval_check"] and r["eval_check"]["ok"] and r["eval_check"]["chunk"] == 500
+    assert "VmHWM" in r["measurement"] or "psutil" in r["measurement"]
+    heap_free = r["setup"]["heap_free_at_baseline_bytes"]
     assert heap_free is None or heap_free < memstep.HEAP_FREE_NOTE_BYTES
-    assert not any("free chunks" in n for n in r.notes)
+    assert not any("free chunks" in n for n in r["notes"])
 
 
 def test_probe_notes_free_heap_chunks_left_from_before(sweep) -> None:
@@ -267,7 +275,9 @@ def test_probe_notes_free_heap_chunks_left_from_before(sweep) -> None:
         pytest.skip("needs glibc 2.33+ (mallinfo2)")
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
-    blocks = [libc.malloc(100 * 1024) for _ in range(321)]  # 32 MiB below the 128 KiB mmap threshold
+    # 128 MiB below the 128 KiB mmap threshold: more than the probe's own set-up reuses (about
+    # 30 MiB when it runs first in a process), so well over the 8 MiB note threshold remains
+    blocks = [libc.malloc(100 * 1024) for _ in range(1281)]
     guard = blocks.pop()  # the last one stays: the heap top cannot shrink back over the freed ones
     try:
         for b in blocks:
