@@ -30,7 +30,7 @@ not None), after the usual optimizer.zero_grad():
     pending.append((step, sample))   # still on the device: no host sync on the step
     ...
     # at the end of the epoch (the loop synchronises there anyway): one read for all of them
-    for (step, sample), (g_small_sq, g_big_sq) in zip(pending, read_samples(samples)):
+    for (step, sample), (g_small_sq, g_big_sq) in zip(pending, read_samples([s for _, s in pending])):
         b_simple = ema.update(g_small_sq, g_big_sq, sample.b_small, sample.b_big)
     -> event gradient_noise_scale: value b_simple (None until defined),
        metadata {"step": step, **ema.metadata()}  (this step's raw grad_sq_small/big and

@@ -174,19 +174,18 @@ def _row(b: int, w: int, measured_at: dict, steps_at: dict, fit: dict, tp: _Thro
     if steps is None and b_fail is not None and b >= b_fail:
         # Data parallelism does not change the optimisation: a global batch that never reached
         # the target does not on more GPUs either, and the fit says nothing past a failure.
-        why = (f"global batch {b}: no measured run reached the target, on any GPU count" if b == b_fail
-               else f"beyond global batch {b_fail}, where no measured run reached the target")
-        sps = tp.samples_per_s(b, w)
-        return {"global_batch_size": b, "num_gpus": w, "steps_to_target": math.nan, "samples_per_s": sps,
-                "time_to_target_s": math.nan, "peak_memory_gib": mem(b / w) if mem else math.nan,
-                "source": "extrapolated", "note": f"{why}: not extrapolated"}
-    if steps is None:
-        steps = fit["S_min"] * (1 + fit["B_crit"] / b)
-        notes.insert(0, "steps from the fit S_min(1 + B_crit/B)")
+        steps = math.nan
+        note = (f"global batch {b}: no measured run reached the target, on any GPU count" if b == b_fail
+                else f"beyond global batch {b_fail}, where no measured run reached the target") + ": not extrapolated"
+    else:
+        if steps is None:
+            steps = fit["S_min"] * (1 + fit["B_crit"] / b)
+            notes.insert(0, "steps from the fit S_min(1 + B_crit/B)")
+        note = f"extrapolated from {ranges}" + "".join(f"; {n}" for n in notes)
     sps = tp.samples_per_s(b, w)
     return {"global_batch_size": b, "num_gpus": w, "steps_to_target": steps, "samples_per_s": sps,
             "time_to_target_s": steps * b / sps, "peak_memory_gib": mem(b / w) if mem else math.nan,
-            "source": "extrapolated", "note": f"extrapolated from {ranges}" + "".join(f"; {n}" for n in notes)}
+            "source": "extrapolated", "note": note}
 
 
 def plan_capacity(runs_df, *, target_accuracy: float, deadline_s: float | None = None,

@@ -12,8 +12,8 @@ large as the effect (DESIGN.md, performance notes).
 
 What B pays on top of A: on a probe step, one gradient norm per micro-batch, a copy/add/zero
 of the gradients per extra micro-batch and the final norm; at the end of each block (an
-epoch in a run) one host read of all its probes for the EMA (``bench.noise`` docstring). Not measured here: with several workers the probe step also
-runs the gradient all-reduce after backward instead of overlapped with it (an upper bound on
+epoch in a run) one host read of all its probes for the EMA (``bench.noise`` docstring). Not
+measured here: with several workers the probe step also runs the gradient all-reduce after backward instead of overlapped with it (an upper bound on
 that is ``bench.noise.time_probe_s(world_size > 1)``).
 
 Imports torch and bench; must not import ray.

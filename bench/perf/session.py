@@ -191,9 +191,6 @@ def device_tag(name: str) -> str:
     return "gpu"
 
 
-PLAN: tuple[Step, ...] = build_plan("h200")  # names and commands; main() builds the one for its GPU
-
-
 # --- done or not ---------------------------------------------------------------------------------
 
 def sweep_progress(root: Path, name: str) -> tuple[int, int]:
@@ -309,7 +306,9 @@ def _device_name() -> str:
 
 
 def run_session(plan: Sequence[Step], root: Path, *, budget_s: float, python: str = sys.executable,
-                force: bool = False, log_rel: str = LOG) -> list[Outcome]:
+                force: bool = False, log_rel: str = LOG, all_steps: Sequence[Step] = ()) -> list[Outcome]:
+    """Run `plan`; a step's ``needs`` is looked up in it and in `all_steps` (the whole plan,
+    when `plan` is a selection of it)."""
     from bench.fingerprint import fingerprint
 
     deadline = time.monotonic() + budget_s
@@ -317,7 +316,7 @@ def run_session(plan: Sequence[Step], root: Path, *, budget_s: float, python: st
     git_sha = fingerprint(None)["git_sha"]  # from BATCHSCALE_GIT_SHA on a copy without .git
     log_path = root / log_rel
     outcomes: list[Outcome] = []
-    by_name = {s.name: s for s in PLAN} | {s.name: s for s in plan}
+    by_name = {s.name: s for s in all_steps} | {s.name: s for s in plan}
     unknown = sorted({s.needs for s in plan if s.needs is not None and s.needs not in by_name})
     if unknown:
         raise ValueError(f"steps needed but not in any plan: {', '.join(unknown)}")
@@ -401,7 +400,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     root = Path.cwd()
-    names = [s.name for s in PLAN]
+    names = [s.name for s in build_plan("gpu")]  # the names do not depend on the tag
     unknown = [n for n in args.only or [] if n not in names]
     if unknown:
         print(f"error: unknown step(s) {', '.join(unknown)}; the plan: {', '.join(names)}", file=sys.stderr)
@@ -410,7 +409,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("error: run this from the repository root (it writes results/ and reports/ there)", file=sys.stderr)
         return 2
     tag = args.tag or device_tag(_device_name())
-    plan = [s for s in build_plan(tag) if not args.only or s.name in args.only]
+    full = build_plan(tag)
+    plan = [s for s in full if not args.only or s.name in args.only]
     log_rel = LOG_TEMPLATE.format(tag=tag)
     if args.list:
         for s in plan:
@@ -420,7 +420,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.budget_s <= 0:
         print("error: --budget-s must be positive", file=sys.stderr)
         return 2
-    outcomes = run_session(plan, root, budget_s=args.budget_s, force=args.force, log_rel=log_rel)
+    outcomes = run_session(plan, root, budget_s=args.budget_s, force=args.force, log_rel=log_rel, all_steps=full)
     if args.archive is not None:
         kept = write_archive(plan, root, args.archive, log_rel)
         print(f"archive {args.archive}: {', '.join(kept) or 'nothing yet'}")
