@@ -15,22 +15,10 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
-from bench.config import ConfigError, default_cluster, load_cluster, load_sweep
-from bench.plan import PlanError, plan_sweep
-from bench.store import StoreError
-
-EXIT_USAGE = 2
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
-
-
-class UserError(Exception):
-    """Anything a user can fix: printed as one line, no traceback."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.code = code
-
+from bench.config import default_cluster, load_cluster, load_sweep
+from bench.errors import (EXIT_FAILED, EXIT_INTERRUPTED, BatchscaleError, ConfigError, PlanError,
+                          StoreError, UserError)
+from bench.plan import plan_sweep
 
 def _one_line(msg: str) -> str:
     """Messages quote user input, which may hold line breaks or control characters."""
@@ -210,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
-    except UserError as err:
+    except BatchscaleError as err:
         _err(str(err))
         return err.code
     except KeyboardInterrupt:

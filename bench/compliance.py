@@ -108,14 +108,16 @@ def expected_plan(r: store.RunRecord) -> plan_mod.RunPlan:
     schedule) and the batch arithmetic in run.json; nothing declared is trusted."""
     p, cfg = plan_mod.RunPlan.from_dict(r.plan), r.config
     lr = cfg.get("lr") or {}
+    ref_lr = lr.get("reference_lr", lr.get("base_lr"))  # base_*: the names before 2026-12
+    ref_batch = lr.get("reference_batch_size", lr.get("base_batch_size"))
     spe, total, warmup, peak = plan_mod.run_schedule(
         p.num_train, p.global_batch_size, p.num_workers, p.grad_accum_steps,
         epochs=int(cfg.get("epochs", p.epochs)), max_steps=cfg.get("max_steps") or None,
-        base_lr=lr["base_lr"], base_batch_size=lr["base_batch_size"], scaling=lr.get("scaling", "linear"),
+        reference_lr=ref_lr, reference_batch_size=ref_batch, scaling=lr.get("scaling", "linear"),
         warmup_epochs=lr.get("warmup_epochs", 0.0), warmup_steps=lr.get("warmup_steps"))
     return dataclasses.replace(
-        p, steps_per_epoch=spe, total_steps=total, scaling=lr.get("scaling", "linear"), reference_lr=lr["base_lr"],
-        reference_batch_size=lr["base_batch_size"], peak_lr=peak, warmup_steps=warmup,
+        p, steps_per_epoch=spe, total_steps=total, scaling=lr.get("scaling", "linear"), reference_lr=ref_lr,
+        reference_batch_size=ref_batch, peak_lr=peak, warmup_steps=warmup,
         schedule=lr.get("schedule", "constant"), milestones_epochs=tuple(lr.get("step_milestones_epochs", ())),
         gamma=lr.get("step_gamma", 0.1))
 

@@ -16,21 +16,18 @@ import math
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bench import workloads
+from bench.errors import ConfigError
 from bench.store import check_name
 
 PACKAGED_SWEEPS = Path(__file__).parent / "sweeps"
 MAX_YAML_BYTES = 1_000_000  # a sweep file is a few KB; refuse anything absurd before parsing
 
 
-class ConfigError(Exception):
-    """A user mistake in a config file: one line, shown without a traceback (exit 2)."""
-
-
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class OptimizerConfig(_Strict):
@@ -45,14 +42,28 @@ class OptimizerConfig(_Strict):
 
 
 class LRConfig(_Strict):
-    base_lr: float = Field(gt=0.0, le=1000.0, description="LR at base_batch_size")
-    base_batch_size: int = Field(gt=0, le=10_000_000, description="batch the base_lr was tuned for")
+    # The LR tuned at a reference batch; the rule scales it to each global batch. Called base_lr /
+    # base_batch_size before (still accepted): MLPerf's opt_base_learning_rate is the *peak* LR.
+    reference_lr: float = Field(gt=0.0, le=1000.0, validation_alias=AliasChoices("reference_lr", "base_lr"),
+                                description="LR at reference_batch_size")
+    reference_batch_size: int = Field(gt=0, le=10_000_000,
+                                      validation_alias=AliasChoices("reference_batch_size", "base_batch_size"),
+                                      description="global batch the reference_lr was tuned for")
     scaling: Literal["linear", "sqrt", "none"] = "linear"
     warmup_epochs: float = Field(0.0, ge=0.0, le=10_000.0)
     warmup_steps: Optional[int] = Field(None, ge=0, le=100_000_000, description="overrides warmup_epochs")
     schedule: Literal["constant", "step", "cosine"] = "constant"
     step_milestones_epochs: tuple[float, ...] = ()  # schedule: step
     step_gamma: float = Field(0.1, gt=0.0, le=1.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name_each(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for new, old in (("reference_lr", "base_lr"), ("reference_batch_size", "base_batch_size")):
+                if new in data and old in data:
+                    raise ValueError(f"{old} is the old name of {new}; give one of them")
+        return data
 
     @field_validator("step_milestones_epochs")
     @classmethod
@@ -84,6 +95,18 @@ class SweepConfig(_Strict):
     max_micro_batch_size: Optional[Union[int, Literal["auto"]]] = None
     target_accuracy: float = Field(gt=0.0, le=1.0, description="test accuracy that counts as reached")
     eval_every_epochs: int = Field(1, gt=0, le=100_000)
+    # Evaluate every N optimizer steps instead of at epoch ends (the resolution of steps-to-target
+    # is the interval before the crossing). auto: at geometrically spaced steps, EVALS_PER_DOUBLING
+    # per doubling of the step count (so every crossing after step 8 has >= 8 evaluations before it
+    # and a resolution <= 16 %), plus every epoch end and the last step.
+    eval_every_steps: Optional[Union[int, Literal["auto"]]] = None
+    # Training samples the train_* metrics are measured on: a fixed, evenly spaced subset, to bound
+    # what frequent evaluation costs (None: the whole training set; streamed ImageNet has its own
+    # workload_options.train_eval_samples).
+    train_eval_samples: Optional[int] = Field(None, gt=0, le=100_000_000)
+    # Sustained time-to-target: the target counts as held once it is reached at this many
+    # consecutive evaluations (shown beside MLPerf's first crossing).
+    target_hold_evals: int = Field(3, ge=1, le=10_000)
     precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: bool = False
     compile: bool = False
@@ -113,6 +136,19 @@ class SweepConfig(_Strict):
         if any(s < 0 or s > 2**31 - 1 for s in v) or len(set(v)) != len(v):
             raise ValueError("seeds must be unique integers in 0..2147483647")
         return v
+
+    @field_validator("eval_every_steps")
+    @classmethod
+    def _eval_steps(cls, v: Any) -> Any:
+        if isinstance(v, int) and not 1 <= v <= 100_000_000:
+            raise ValueError("must be 1..100000000 or 'auto'")
+        return v
+
+    @model_validator(mode="after")
+    def _one_eval_interval(self) -> "SweepConfig":
+        if self.eval_every_steps is not None and "eval_every_epochs" in self.model_fields_set:
+            raise ValueError("eval_every_steps and eval_every_epochs: give one of them")
+        return self
 
     @field_validator("max_micro_batch_size")
     @classmethod
@@ -148,7 +184,8 @@ class SweepConfig(_Strict):
         return workloads.get(self.workload).sizes(self.options)
 
     def config_hash(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        # Defaults left out: a key added later (at its default) does not change old sweeps' hash.
+        blob = json.dumps(self.model_dump(mode="json", exclude_defaults=True), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -22,12 +22,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.config import ClusterConfig, SweepConfig
+from bench.errors import LauncherError
 from bench.plan import RunPlan
 from bench.store import SweepDir
-
-
-class LauncherError(Exception):
-    """The cluster cannot be used (unreachable address, not enough resources): one line, exit 1."""
 
 
 @dataclass

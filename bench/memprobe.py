@@ -22,6 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from bench.errors import EXIT_FAILED, ConfigError, UserError
 from bench.memfit import (DEFAULT_RESOLUTION, DEFAULT_SAFETY_MARGIN, Try, default_output, format_mib as _mib,
                           micro_batch_per_worker_batch, nothing_fits, write_probe)
 
@@ -31,8 +32,7 @@ GIB = 2**30
 def cmd_probe_memory(args: argparse.Namespace) -> int:
     import torch
 
-    from bench.cli import EXIT_FAILED, UserError
-    from bench.config import ConfigError, load_sweep
+    from bench.config import load_sweep
     from bench.memmeasure import probe
 
     try:

@@ -266,7 +266,7 @@ class _Training:
         model = build_model(sweep.model_name, spec.shape, spec.num_classes)
         self.model = model.to(device, memory_format=self.memory_format)
         self.model.train()
-        self.optimizer = build_optimizer(sweep.optimizer, self.model, sweep.lr.base_lr)
+        self.optimizer = build_optimizer(sweep.optimizer, self.model, sweep.lr.reference_lr)
         use_bf16 = sweep.precision == "bf16"
         self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 

@@ -14,15 +14,14 @@ eta to k*eta over 5 epochs); Hoffer et al. 2017 (sqrt rule).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Literal, Mapping
 
+from bench.errors import PlanError
+
 Scaling = Literal["linear", "sqrt", "none"]
-
-
-class PlanError(ValueError):
-    """The sweep asks for something the arithmetic forbids (message names key and numbers)."""
 
 
 # --- batch arithmetic ----------------------------------------------------------------------
@@ -59,15 +58,16 @@ def steps_per_epoch(num_train: int, global_batch_size: int, num_workers: int = 1
 
 # --- learning rate -------------------------------------------------------------------------
 
-def scaled_lr(base_lr: float, base_batch_size: int, global_batch_size: int, scaling: Scaling) -> float:
-    """Peak LR for a global batch. linear: base x B/B0 (Goyal); sqrt: base x sqrt(B/B0); none: base."""
-    k = global_batch_size / base_batch_size
+def scaled_lr(reference_lr: float, reference_batch_size: int, global_batch_size: int, scaling: Scaling) -> float:
+    """Peak LR for a global batch B, from the LR tuned at the reference batch B0.
+    linear: ref x B/B0 (Goyal); sqrt: ref x sqrt(B/B0); none: ref."""
+    k = global_batch_size / reference_batch_size
     if scaling == "linear":
-        return base_lr * k
+        return reference_lr * k
     if scaling == "sqrt":
-        return base_lr * math.sqrt(k)
+        return reference_lr * math.sqrt(k)
     if scaling == "none":
-        return base_lr
+        return reference_lr
     raise PlanError(f"lr.scaling: unknown rule {scaling!r} (allowed: linear, sqrt, none)")
 
 
@@ -94,6 +94,40 @@ def lr_at_step(step: int, *, start_lr: float, peak_lr: float, warmup_steps: int,
     raise PlanError(f"lr.schedule: unknown schedule {schedule!r} (allowed: constant, step, cosine)")
 
 
+# --- evaluation schedule -------------------------------------------------------------------
+
+EVALS_PER_DOUBLING = 4  # eval_every_steps: auto (resolution <= 1 - 2**-0.25 = 16 % after step 8)
+
+
+@functools.lru_cache(maxsize=256)
+def geometric_steps(total_steps: int, per_doubling: int = EVALS_PER_DOUBLING) -> frozenset[int]:
+    """Steps round(2 ** (k / per_doubling)), k = 0, 1, ..., up to total_steps: evaluation points
+    spaced evenly in log(step), so that a crossing at step S is resolved to within a fixed fraction
+    of S whatever S turns out to be (1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 13, 16, 19, 23, 27, 32, ...)."""
+    out, k = set(), 0
+    while True:
+        s = round(2 ** (k / per_doubling))
+        if s > total_steps:
+            return frozenset(out)
+        out.add(s)
+        k += 1
+
+
+def eval_due(step: int, *, total_steps: int, steps_per_epoch: int, eval_every_epochs: int = 1,
+             eval_every_steps: int | None = None, eval_auto: bool = False) -> bool:
+    """Whether to evaluate after ``step`` optimizer steps (step >= 1). Always after the last step.
+    eval_every_steps N: at multiples of N. auto: at ``geometric_steps`` and at every epoch end.
+    Otherwise: at the end of every eval_every_epochs-th epoch."""
+    if step >= total_steps:
+        return True
+    epoch_end = step % steps_per_epoch == 0
+    if eval_auto:
+        return epoch_end or step in geometric_steps(total_steps)
+    if eval_every_steps is not None:
+        return step % eval_every_steps == 0
+    return epoch_end and (step // steps_per_epoch) % eval_every_epochs == 0
+
+
 # --- the plan ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -116,7 +150,7 @@ class RunPlan:
     epochs: int
     total_steps: int
     scaling: str
-    reference_lr: float  # base_lr of the config, at reference_batch_size
+    reference_lr: float  # the config's LR at reference_batch_size, before scaling
     reference_batch_size: int
     peak_lr: float
     warmup_steps: int
@@ -124,6 +158,16 @@ class RunPlan:
     schedule: str
     milestones_epochs: tuple[float, ...]
     gamma: float
+    # When to evaluate (bench.plan.eval_due); defaults = how runs planned before 2026-12 evaluated.
+    eval_every_epochs: int = 1
+    eval_every_steps: int | None = None
+    eval_auto: bool = False
+
+    def eval_due(self, step: int) -> bool:
+        """Whether this run evaluates after `step` optimizer steps."""
+        return eval_due(step, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+                        eval_every_epochs=self.eval_every_epochs, eval_every_steps=self.eval_every_steps,
+                        eval_auto=self.eval_auto)
 
     def lr(self, step: int) -> float:
         """The LR this run applies at optimizer step `step` (0-based)."""
@@ -149,14 +193,14 @@ def run_id(global_batch_size: int, num_workers: int, seed: int) -> str:
 
 
 def run_schedule(num_train: int, global_batch_size: int, num_workers: int, grad_accum_steps: int, *,
-                 epochs: int, max_steps: int | None, base_lr: float, base_batch_size: int, scaling: str,
+                 epochs: int, max_steps: int | None, reference_lr: float, reference_batch_size: int, scaling: str,
                  warmup_epochs: float, warmup_steps: int | None) -> tuple[int, int, int, float]:
     """(steps_per_epoch, total_steps, warmup_steps, peak_lr) of one run from the sweep's plain
     values: the one derivation both ``plan_sweep`` and the submission checker use."""
     spe = steps_per_epoch(num_train, global_batch_size, num_workers, grad_accum_steps)
     total = spe * epochs if max_steps is None else min(spe * epochs, max_steps)
     warmup = warmup_steps if warmup_steps is not None else round(warmup_epochs * spe)
-    return spe, total, warmup, scaled_lr(base_lr, base_batch_size, global_batch_size, scaling)
+    return spe, total, warmup, scaled_lr(reference_lr, reference_batch_size, global_batch_size, scaling)
 
 
 def plan_sweep(sweep, *, max_micro_batch_size: int | Mapping[int, int] | None = None) -> list[RunPlan]:
@@ -182,7 +226,7 @@ def plan_sweep(sweep, *, max_micro_batch_size: int | Mapping[int, int] | None = 
             per_worker, micro, accum = split_batch(gbs, workers, cap)
             spe, total, warmup, peak = run_schedule(
                 num_train, gbs, workers, accum, epochs=sweep.epochs, max_steps=sweep.max_steps,
-                base_lr=lr.base_lr, base_batch_size=lr.base_batch_size, scaling=lr.scaling,
+                reference_lr=lr.reference_lr, reference_batch_size=lr.reference_batch_size, scaling=lr.scaling,
                 warmup_epochs=lr.warmup_epochs, warmup_steps=lr.warmup_steps)
             if warmup > total:
                 raise PlanError(f"lr.warmup: {warmup} warmup steps exceed the {total} steps of the run "
@@ -198,8 +242,11 @@ def plan_sweep(sweep, *, max_micro_batch_size: int | Mapping[int, int] | None = 
                     num_workers=workers, per_worker_batch_size=per_worker, micro_batch_size=micro,
                     grad_accum_steps=accum, num_train=num_train, num_test=num_test,
                     steps_per_epoch=spe, epochs=math.ceil(total / spe), total_steps=total,
-                    scaling=lr.scaling, reference_lr=lr.base_lr, reference_batch_size=lr.base_batch_size,
+                    scaling=lr.scaling, reference_lr=lr.reference_lr, reference_batch_size=lr.reference_batch_size,
                     peak_lr=peak, warmup_steps=warmup,
                     warmup_epochs=warmup / spe, schedule=lr.schedule,
-                    milestones_epochs=tuple(lr.step_milestones_epochs), gamma=lr.step_gamma))
+                    milestones_epochs=tuple(lr.step_milestones_epochs), gamma=lr.step_gamma,
+                    eval_every_epochs=sweep.eval_every_epochs,
+                    eval_every_steps=sweep.eval_every_steps if isinstance(sweep.eval_every_steps, int) else None,
+                    eval_auto=sweep.eval_every_steps == "auto"))
     return runs

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from bench.errors import UserError
+
 MIN_SPEEDUP_PER_DOUBLING = 1.1  # below this, doubling the GPUs "stops helping" (as analysis' maximal regime)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)")
 
@@ -349,7 +351,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from bench import analysis, store
-    from bench.cli import UserError
 
     try:
         deadline_s = parse_duration_s(args.deadline) if args.deadline else None

@@ -191,8 +191,8 @@ def _run_setup(records: list[RunRecord]) -> dict[str, str]:
     return {
         "description": one("description"), "workload": one("workload", "workload"), "model": one("model", "model"),
         "optimizer": one("optimizer.name"), "LR scaling rule": one("lr.scaling", "scaling"),
-        "base LR at base batch":
-            f"{one('lr.base_lr', 'reference_lr')} at {one('lr.base_batch_size', 'reference_batch_size')}",
+        "reference LR at reference batch":
+            f"{one('lr.reference_lr', 'reference_lr')} at {one('lr.reference_batch_size', 'reference_batch_size')}",
         "warmup": _distinct(_warmup(r) for r in records), "schedule": one("lr.schedule", "schedule"),
         "epochs": one("epochs", "epochs"), "target accuracy": one("target_accuracy"), "seeds": planned("seed"),
         "global batch sizes": planned("global_batch_size"), "num_workers": planned("num_workers"),

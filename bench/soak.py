@@ -38,7 +38,7 @@ from bench.config import ClusterConfig, SweepConfig, default_cluster
 # (claim, lock, prepare, one worker group, telemetry, summaries).
 SOAK_SWEEP = dict(
     name="soak", description="bench.soak round", workload="blobs",
-    lr=dict(base_lr=0.05, base_batch_size=100, scaling="linear"),
+    lr=dict(reference_lr=0.05, reference_batch_size=100, scaling="linear"),
     epochs=3, global_batch_sizes=[100, 250], num_workers=[1], seeds=[0], target_accuracy=0.5,
 )
 FD_SLACK = 16  # descriptors the driver may gain for good (Ray clients, log files) before it counts

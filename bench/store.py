@@ -35,6 +35,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from bench.errors import StoreError
 from bench.events import CorruptEventLog, read_events
 
 SUMMARY = "summary.json"
@@ -48,10 +49,6 @@ LOCK = ".lock"
 SWEEP_MARK = "sweep.json"  # name + config hash of the sweep that owns this folder
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-class StoreError(Exception):
-    """A results folder that cannot be used (unwritable, locked, owned by another sweep)."""
 
 
 class RunSkipped(UserWarning):

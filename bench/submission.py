@@ -37,6 +37,7 @@ import yaml
 
 from bench import events as ev
 from bench import store
+from bench.errors import ConfigError, UserError
 
 # MLPerf keys that events.py does not define yet (header of every result log).
 SUBMISSION_ORG, SUBMISSION_PLATFORM = "submission_org", "submission_platform"
@@ -61,12 +62,6 @@ RUN_FILES = (store.RUN_PLAN, store.SUMMARY, store.CONFIG, store.CLUSTER, store.E
 REQUIRED_RUN_FILES = (store.RUN_PLAN, store.SUMMARY, store.CONFIG)
 SYSTEM_JSON, CLUSTER_COPY = "system.json", "system/cluster.yaml"
 SUMMARY_CSV, CHECKSUMS = "summary.csv", "checksums.sha256"
-
-
-def _user_error(message: str, code: int = 2) -> Exception:
-    from bench.cli import UserError  # late: bench.cli imports this module to register commands
-
-    return UserError(message, code)
 
 
 # --- system description -------------------------------------------------------------------
@@ -122,12 +117,12 @@ def _load_records(results_paths: Sequence[Path | str]) -> list[store.RunRecord]:
         try:
             records = store.load_results([Path(p) for p in results_paths])
         except store.StoreError as err:
-            raise _user_error(str(err)) from None
+            raise UserError(str(err)) from None
     corrupt = [str(w.message) for w in caught if issubclass(w.category, store.RunSkipped)]
     if corrupt:
-        raise _user_error("corrupt run folders, refusing to submit: " + "; ".join(corrupt), 1)
+        raise UserError("corrupt run folders, refusing to submit: " + "; ".join(corrupt), 1)
     if not records:
-        raise _user_error(f"no runs found under {', '.join(map(str, results_paths))}", 1)
+        raise UserError(f"no runs found under {', '.join(map(str, results_paths))}", 1)
     return records
 
 
@@ -135,22 +130,22 @@ def make_submission(results_paths: Sequence[Path | str], system_file: Path | str
                     submitter: str, division: str = "open", status: str | None = None) -> Path:
     """Package complete runs into out_dir (built in a temp folder, renamed at the end)."""
     from bench import analysis
-    from bench.config import ConfigError, load_cluster
+    from bench.config import load_cluster
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise _user_error(f"{out} exists and is not empty; choose a new submission folder")
+        raise UserError(f"{out} exists and is not empty; choose a new submission folder")
     if division not in DIVISIONS:
-        raise _user_error(f"division {division!r} is not one of {', '.join(DIVISIONS)}")
+        raise UserError(f"division {division!r} is not one of {', '.join(DIVISIONS)}")
     try:
         cluster, cluster_path = load_cluster(system_file)
     except ConfigError as err:
-        raise _user_error(str(err)) from None
+        raise UserError(str(err)) from None
     records = _load_records(results_paths)
     incomplete = [f"{r.sweep}/{r.run_id}" for r in records
                   if not r.complete or not any(e.get("key") == ev.RUN_STOP for e in r.events)]
     if incomplete:
-        raise _user_error(f"{len(incomplete)} incomplete run(s), finish or remove them first: "
+        raise UserError(f"{len(incomplete)} incomplete run(s), finish or remove them first: "
                           + ", ".join(incomplete), 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -267,7 +262,7 @@ def compare_submissions(paths: Sequence[Path | str], out_html: Path | str | None
         names.append(name if name not in names else f"{name} ({len(names) + 1})")
         system, records, problems = load_submission(path)
         if not records:
-            raise _user_error(f"{path}: no runs in this submission ({'; '.join(problems) or 'no results/ logs'})", 1)
+            raise UserError(f"{path}: no runs in this submission ({'; '.join(problems) or 'no results/ logs'})", 1)
         for b, g in runs_frame(records).groupby("global_batch_size"):
             rows.append({"submission": names[-1], "system": system.get("system_name"), "global_batch_size": b,
                          "num_workers": _distinct(g["num_workers"]), "n_runs": len(g),
@@ -314,7 +309,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from bench.compliance import check_submission  # late: bench.compliance imports this module
 
     if args.reference is not None and not Path(args.reference).is_dir():
-        raise _user_error(f"no reference submission at {args.reference}")
+        raise UserError(f"no reference submission at {args.reference}")
     problems = check_submission(args.submission, reference=args.reference)
     for p in problems:
         print(f"VIOLATION: {p}")
@@ -325,7 +320,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     missing = [p for p in args.submissions if not Path(p).is_dir()]
     if missing:
-        raise _user_error(f"no submission folder at {', '.join(missing)}")
+        raise UserError(f"no submission folder at {', '.join(missing)}")
     compare_submissions(args.submissions, args.output)
     if args.output:
         print(f"comparison: {args.output}")

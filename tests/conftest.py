@@ -57,7 +57,7 @@ def write_yaml(path: Path, text: str) -> Path:
 TINY_SWEEP = """\
 name: tiny
 workload: blobs
-lr: {base_lr: 0.01, base_batch_size: 32, scaling: none}
+lr: {reference_lr: 0.01, reference_batch_size: 32, scaling: none}
 epochs: 3
 global_batch_sizes: [32, 64]
 num_workers: [1]

@@ -26,7 +26,7 @@ TELEMETRY_COLUMNS = ("time_ms", "run_id", "rank", "node", "kind", "gpu_index", "
 
 
 def make_plan(sweep: str, global_batch_size: int, *, num_workers: int = 1, seed: int = 0, epochs: int = 10,
-              base_lr: float = 0.01, base_batch_size: int = 4, warmup_epochs: float = 1.0) -> RunPlan:
+              reference_lr: float = 0.01, reference_batch_size: int = 4, warmup_epochs: float = 1.0) -> RunPlan:
     spe = steps_per_epoch(NUM_TRAIN, global_batch_size, num_workers)
     warmup = round(warmup_epochs * spe)
     per_worker = global_batch_size // num_workers
@@ -35,8 +35,8 @@ def make_plan(sweep: str, global_batch_size: int, *, num_workers: int = 1, seed:
         model="mlp", global_batch_size=global_batch_size, num_workers=num_workers,
         per_worker_batch_size=per_worker, micro_batch_size=per_worker, grad_accum_steps=1,
         num_train=NUM_TRAIN, num_test=NUM_TEST, steps_per_epoch=spe, epochs=epochs, total_steps=spe * epochs,
-        scaling="linear", reference_lr=base_lr, reference_batch_size=base_batch_size,
-        peak_lr=base_lr * global_batch_size / base_batch_size, warmup_steps=warmup,
+        scaling="linear", reference_lr=reference_lr, reference_batch_size=reference_batch_size,
+        peak_lr=reference_lr * global_batch_size / reference_batch_size, warmup_steps=warmup,
         warmup_epochs=warmup / spe, schedule="constant", milestones_epochs=(), gamma=0.1)
 
 
@@ -66,7 +66,7 @@ class RunSpec:
 def sweep_config(name: str, *, description: str = "synthetic sweep", target: float = 0.8,
                  batches=(4,), workers=(1,), seeds=(0,), epochs: int = 10) -> dict:
     return {"name": name, "description": description, "workload": "blobs", "model": "mlp",
-            "lr": {"base_lr": 0.01, "base_batch_size": 4, "scaling": "linear", "warmup_epochs": 1.0},
+            "lr": {"reference_lr": 0.01, "reference_batch_size": 4, "scaling": "linear", "warmup_epochs": 1.0},
             "epochs": epochs, "global_batch_sizes": list(batches), "num_workers": list(workers),
             "seeds": list(seeds), "target_accuracy": target, "optimizer": {"name": "sgd", "momentum": 0.9}}
 

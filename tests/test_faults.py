@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 SWEEP = """\
 name: faulty
 workload: blobs
-lr: {base_lr: 0.01, base_batch_size: 32, scaling: none}
+lr: {reference_lr: 0.01, reference_batch_size: 32, scaling: none}
 epochs: 6
 global_batch_sizes: [50]
 num_workers: [2]

@@ -40,7 +40,7 @@ def _synthetic_sweep(**over) -> SweepConfig:
     return SweepConfig.model_validate({
         "name": "feed", "workload": "synthetic", "model": "small_cnn",
         "workload_options": {"num_train": 60, "num_test": 20, "image_size": 8, "num_classes": 3},
-        "lr": {"base_lr": 0.05, "base_batch_size": 24, "scaling": "none"}, "epochs": 3,
+        "lr": {"reference_lr": 0.05, "reference_batch_size": 24, "scaling": "none"}, "epochs": 3,
         "global_batch_sizes": [24], "max_micro_batch_size": 8, "seeds": [0], "target_accuracy": 0.5,
         "telemetry": {"enabled": False}, **over})
 
@@ -109,7 +109,7 @@ def test_imagenet_folder_trains_in_process_and_leaves_no_loader_processes(tmp_pa
     sweep = SweepConfig.model_validate({
         "name": "inet", "workload": "imagenet", "model": "resnet18",
         "workload_options": {"root": str(root), "num_loader_workers": 2, "prefetch_factor": 1, "train_eval_samples": 5},
-        "lr": {"base_lr": 0.05, "base_batch_size": 4, "scaling": "linear"}, "epochs": 2,
+        "lr": {"reference_lr": 0.05, "reference_batch_size": 4, "scaling": "linear"}, "epochs": 2,
         "global_batch_sizes": [4], "max_micro_batch_size": 2, "seeds": [0], "target_accuracy": 0.9})
     plan = plan_sweep(sweep)[0]
     assert (plan.num_train, plan.num_test, plan.steps_per_epoch) == (8, 4, 2)
@@ -158,7 +158,7 @@ name: inet
 workload: imagenet
 model: resnet18
 workload_options: {{root: {root}, num_loader_workers: 1, prefetch_factor: 1}}
-lr: {{base_lr: 0.05, base_batch_size: 4, scaling: linear}}
+lr: {{reference_lr: 0.05, reference_batch_size: 4, scaling: linear}}
 epochs: 2
 global_batch_sizes: [4]
 num_workers: [2]
@@ -182,7 +182,7 @@ def test_a_process_loads_a_workload_once_and_no_run_changes_it(tmp_path: Path):
     from bench.workloads.vision_catalog import SyntheticOptions
 
     opts = SweepConfig.model_validate({
-        "name": "d", "workload": "digits", "lr": {"base_lr": 0.1, "base_batch_size": 32}, "epochs": 2,
+        "name": "d", "workload": "digits", "lr": {"reference_lr": 0.1, "reference_batch_size": 32}, "epochs": 2,
         "global_batch_sizes": [64], "seeds": [0, 1], "target_accuracy": 0.5,
         "telemetry": {"enabled": False}})
     first = workloads.load("digits", opts.options, 0)

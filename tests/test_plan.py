@@ -65,7 +65,7 @@ def test_plan_takes_a_micro_batch_per_per_worker_batch():
     from bench.plan import plan_sweep
 
     sweep = SweepConfig.model_validate(dict(
-        name="m", workload="blobs", lr=dict(base_lr=0.1, base_batch_size=32), epochs=1,
+        name="m", workload="blobs", lr=dict(reference_lr=0.1, reference_batch_size=32), epochs=1,
         global_batch_sizes=[64, 256, 480], num_workers=[1, 2], seeds=[0], target_accuracy=0.5))
     plans = plan_sweep(sweep, max_micro_batch_size={64: 64, 256: 64, 480: 80, 128: 32})  # 32, 240: absent
     assert [(p.num_workers, p.per_worker_batch_size, p.micro_batch_size, p.grad_accum_steps) for p in plans] == [
@@ -78,7 +78,7 @@ def test_plan_goes_seed_by_seed_within_a_worker_count():
     from bench.plan import plan_sweep
 
     sweep = SweepConfig.model_validate(dict(
-        name="m", workload="blobs", lr=dict(base_lr=0.1, base_batch_size=32), epochs=1,
+        name="m", workload="blobs", lr=dict(reference_lr=0.1, reference_batch_size=32), epochs=1,
         global_batch_sizes=[64, 128], num_workers=[1, 2], seeds=[0, 1], target_accuracy=0.5))
     assert [p.run_id for p in plan_sweep(sweep)] == [
         "gbs000064-w001-s0", "gbs000128-w001-s0", "gbs000064-w001-s1", "gbs000128-w001-s1",

@@ -203,7 +203,7 @@ def test_unwritable_results_folder_fails_before_anything_starts(make, tmp_path: 
 # --- results store: corrupt run folders are skipped, healthy ones kept --------------------------
 
 RESULTS_SWEEP = dict(name="reliab", description=f"escape test {EVIL}", workload="blobs",
-                     lr=dict(base_lr=0.05, base_batch_size=50, scaling="none"), epochs=2,
+                     lr=dict(reference_lr=0.05, reference_batch_size=50, scaling="none"), epochs=2,
                      global_batch_sizes=[50, 100, 125, 250, 500], target_accuracy=0.5,
                      telemetry=dict(enabled=False))
 
@@ -397,7 +397,7 @@ def test_soak_verdict_flags_growth_but_not_noise():
 INTERRUPT_SWEEP = """\
 name: intr
 workload: blobs
-lr: {base_lr: 0.01, base_batch_size: 32, scaling: none}
+lr: {reference_lr: 0.01, reference_batch_size: 32, scaling: none}
 epochs: 100
 max_steps: 6000
 global_batch_sizes: [5, 10, 250]

@@ -16,7 +16,7 @@ import pytest
 from bench import compliance
 from bench import events as ev
 from bench import submission as sub
-from bench.cli import UserError
+from bench.errors import UserError
 from fixtures_results import write_sweep
 
 CLUSTER = Path(__file__).resolve().parent.parent / "clusters" / "local.yaml"

@@ -80,7 +80,7 @@ def test_sweep_validation_refuses_missing_root(tmp_path):
     from bench.config import SweepConfig
 
     sweep = dict(name="c", workload="cifar10", workload_options={"root": str(tmp_path / "nope")},
-                 lr={"base_lr": 0.1, "base_batch_size": 128}, epochs=1, global_batch_sizes=[128],
+                 lr={"reference_lr": 0.1, "reference_batch_size": 128}, epochs=1, global_batch_sizes=[128],
                  target_accuracy=0.9)
     with pytest.raises(ValidationError, match="nope"):
         SweepConfig.model_validate(sweep)

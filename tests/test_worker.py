@@ -17,7 +17,7 @@ from bench.plan import plan_sweep
 from bench.store import SweepDir
 from bench.worker import WorkerContext, execute_run
 
-BASE = dict(name="t", workload="blobs", lr=dict(base_lr=0.01, base_batch_size=32, scaling="none"),
+BASE = dict(name="t", workload="blobs", lr=dict(reference_lr=0.01, reference_batch_size=32, scaling="none"),
             epochs=4, global_batch_sizes=[50], seeds=[0], target_accuracy=0.5)
 
 
@@ -56,7 +56,7 @@ def test_single_worker_run_writes_events_and_summary(tmp_path: Path):
 
 
 def test_warmup_applied_per_step(tmp_path: Path):
-    sweep = sweep_of(lr=dict(base_lr=0.01, base_batch_size=25, scaling="linear", warmup_epochs=2))
+    sweep = sweep_of(lr=dict(reference_lr=0.01, reference_batch_size=25, scaling="linear", warmup_epochs=2))
     plan, run_dir, _ = run_one(tmp_path, sweep)
     assert plan.peak_lr == pytest.approx(0.02) and plan.warmup_steps == 20
     lrs = {e["metadata"]["step"]: e["value"] for e in ev.read_events(run_dir.events_path)
@@ -92,7 +92,7 @@ def test_noise_scale_probe_is_logged_and_leaves_training_unchanged(tmp_path: Pat
 
 
 def test_divergence_is_a_result(tmp_path: Path):
-    sweep = sweep_of(lr=dict(base_lr=50.0, base_batch_size=50, scaling="none"), divergence_loss_factor=3)
+    sweep = sweep_of(lr=dict(reference_lr=50.0, reference_batch_size=50, scaling="none"), divergence_loss_factor=3)
     _, run_dir, summary = run_one(tmp_path, sweep)
     assert summary["status"] == "diverged"
     assert "training loss" in summary["failure"]["reason"]

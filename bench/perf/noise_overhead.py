@@ -51,7 +51,7 @@ def _sweep(args: argparse.Namespace, every: int, device: torch.device):
         "name": "noise-overhead", "workload": "synthetic", "model": args.model,
         "workload_options": {"num_train": batch * args.steps_per_round, "num_test": 1,
                              "image_size": args.image_size},
-        "lr": {"base_lr": 0.01, "base_batch_size": batch, "scaling": "none"}, "epochs": 1,
+        "lr": {"reference_lr": 0.01, "reference_batch_size": batch, "scaling": "none"}, "epochs": 1,
         "global_batch_sizes": [batch], "max_micro_batch_size": args.micro_batch_size, "seeds": [0],
         "target_accuracy": 1.0, "precision": "bf16" if on_cuda else "fp32", "channels_last": on_cuda,
         "noise_scale_every_steps": every, "telemetry": {"enabled": False}})

@@ -178,7 +178,7 @@ def sweep_for(params: dict[str, Any], name: str):
         "description": "bench.perf.overhead side B",
         "workload_options": {"num_train": batch * steps, "num_test": batch,
                              "image_size": params["image_size"], "num_classes": NUM_CLASSES},
-        "lr": {"base_lr": LR, "base_batch_size": batch, "scaling": "none"},
+        "lr": {"reference_lr": LR, "reference_batch_size": batch, "scaling": "none"},
         "optimizer": {"name": "sgd", "momentum": 0.9},
         "epochs": 2, "eval_every_epochs": 2, "global_batch_sizes": [batch], "num_workers": [1],
         "target_accuracy": 1.0, "divergence_loss_factor": 1e9,  # random labels: nothing to reach
