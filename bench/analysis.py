@@ -50,7 +50,7 @@ def to_float(value: Any) -> float:
 
 def _identity(record: RunRecord) -> dict[str, Any]:
     """Who a run is: from run.json (the plan), falling back to summary.json."""
-    plan, summary = record.plan or {}, record.summary or {}
+    plan, summary = record.plan or {}, _summary_dict(record)
 
     def pick(key: str, summary_key: str | None = None) -> Any:
         value = plan.get(key)
@@ -62,6 +62,10 @@ def _identity(record: RunRecord) -> dict[str, Any]:
         "per_worker_batch_size": pick("per_worker_batch_size"), "grad_accum_steps": pick("grad_accum_steps"),
         "seed": pick("seed"), "peak_lr": pick("peak_lr"),
     }
+
+
+def _summary_dict(record: RunRecord) -> dict[str, Any]:
+    return record.summary.model_dump() if record.summary is not None else {}
 
 
 def evaluations(record: RunRecord) -> list[dict[str, float]]:
@@ -84,7 +88,7 @@ def evaluations(record: RunRecord) -> list[dict[str, float]]:
 def target_of(record: RunRecord, override: float | None = None) -> float:
     if override is not None:
         return float(override)
-    return to_float((record.config or {}).get("target_accuracy", (record.summary or {}).get("target_accuracy")))
+    return to_float((record.config or {}).get("target_accuracy", _summary_dict(record).get("target_accuracy")))
 
 
 def to_target(evals: list[dict[str, float]], target: float) -> dict[str, float]:
@@ -117,7 +121,9 @@ def _noise_scale(record: RunRecord) -> float:
 
 
 def _failure_reason(record: RunRecord) -> str | None:
-    summary = record.summary
+    if record.damage is not None:
+        return f"damaged: {record.damage}"
+    summary = _summary_dict(record) or None
     if summary is None:
         stops = [e for e in record.events if e.get("key") == ev.RUN_STOP]
         if stops:
@@ -135,7 +141,7 @@ def _failure_reason(record: RunRecord) -> str | None:
 
 
 def _summary_values(record: RunRecord, evals: list[dict[str, float]]) -> dict[str, Any]:
-    s = record.summary or {}
+    s = _summary_dict(record)
     telemetry = s.get("telemetry") or {}
     best = max((e["test_acc"] for e in evals if not math.isnan(e["test_acc"])), default=math.nan)
     final = {k: to_float(s.get(k)) for k in ("final_train_acc", "final_test_acc", "final_train_loss",
@@ -217,7 +223,7 @@ def telemetry_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
     """Telemetry rows of every rank as numbers (empty cell -> NaN); t_s = seconds since the run's first sample."""
     frames = []
     for r in records:
-        rows = r.telemetry_rows()
+        rows, _problems = r.read_telemetry()
         if rows:
             tag = {**_tag(r), "per_worker_batch_size": _identity(r)["per_worker_batch_size"]}
             frames.append(pd.DataFrame(rows).assign(**tag))

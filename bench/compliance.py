@@ -98,8 +98,9 @@ def _run_problems(r: store.RunRecord) -> list[str]:
     status = (stops[-1].get("metadata") or {}).get("status") if stops else None
     if status not in ENDED_STATUSES:
         problems.append(f"{name}: not complete (run_stop status {status or 'missing'})")
-    elif (r.summary or {}).get("status") != status:
-        problems.append(f"{name}: summary.json status {(r.summary or {}).get('status')!r}, log says {status}")
+    elif (r.summary.status if r.summary else None) != status:
+        problems.append(f"{name}: summary.json status {r.summary.status if r.summary else None!r}, "
+                        f"log says {status}")
     return problems
 
 

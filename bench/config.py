@@ -20,7 +20,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from bench import workloads
 from bench.errors import ConfigError
-from bench.store import check_name
+from bench.names import check_name
 
 PACKAGED_SWEEPS = Path(__file__).parent / "sweeps"
 MAX_YAML_BYTES = 1_000_000  # a sweep file is a few KB; refuse anything absurd before parsing

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from bench import safeio
+
 # --- event types (MLPerf) ---
 POINT_IN_TIME = "POINT_IN_TIME"
 INTERVAL_START = "INTERVAL_START"
@@ -136,26 +138,28 @@ class CorruptEventLog(ValueError):
     """An event line that is not valid JSON (other than a torn last line)."""
 
 
-def read_events(path: Path | str) -> list[dict[str, Any]]:
+def read_events(path: Path | str, *, root: Path | str | None = None) -> list[dict[str, Any]]:
     """All events of a log. A torn *last* line (crash mid-write) is ignored; a broken line
     in the middle raises CorruptEventLog naming the file and line number."""
-    return list(iter_events(path))
+    return list(iter_events(path, root=root))
 
 
-def iter_events(path: Path | str) -> Iterator[dict[str, Any]]:
+def iter_events(path: Path | str, *, root: Path | str | None = None) -> Iterator[dict[str, Any]]:
+    """Events of a log, streamed through bench.safeio (bounded size, no links below ``root``)."""
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, start=1):
+    broken: str | None = None  # a bad line is an error only if another line follows it
+    for number, line in safeio.iter_lines(path, "events", root=root):
+        if broken is not None:
+            raise CorruptEventLog(broken)
         if not line.strip():
             continue
         try:
             event = json.loads(line)
             if not isinstance(event, dict) or "key" not in event:
                 raise ValueError("not an event object")
-        except ValueError as err:
-            if number == len(lines):
-                return  # torn last line: the run was interrupted mid-write
-            raise CorruptEventLog(f"{path}:{number}: broken event line ({err})") from None
+        except (ValueError, RecursionError) as err:
+            broken = f"{path}:{number}: broken event line ({type(err).__name__})"
+            continue
         yield event
 
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal, Mapping
 
 from bench.errors import PlanError
+from bench.names import run_id
 
 Scaling = Literal["linear", "sqrt", "none"]
 
@@ -186,10 +187,6 @@ class RunPlan:
         d = dict(d)
         d["milestones_epochs"] = tuple(d.get("milestones_epochs", ()))
         return cls(**d)
-
-
-def run_id(global_batch_size: int, num_workers: int, seed: int) -> str:
-    return f"gbs{global_batch_size:06d}-w{num_workers:03d}-s{seed}"
 
 
 def run_schedule(num_train: int, global_batch_size: int, num_workers: int, grad_accum_steps: int, *,

@@ -45,7 +45,7 @@ def write_report(paths: list[Path], out: Path, *, target_accuracy: float | None 
                  title: str | None = None) -> Path:
     """Read every run under `paths` (corrupt folders are skipped with a warning by the store),
     render the report and write it atomically to `out`. Returns `out`."""
-    records = load_results(paths)
+    records = [r for r in load_results(paths) if r.damage is None]  # damaged: warned about by the store
     page = render_report(records, target_accuracy=target_accuracy, title=title,
                          sources=[str(p) for p in paths])
     out = Path(out)

@@ -36,8 +36,9 @@ def run_sweep(sweep: SweepConfig, cluster: ClusterConfig, results_root: Path, *,
     t0 = time.perf_counter()
     plans = plans if plans is not None else plan_sweep(sweep)
     sweep_dir = SweepDir(Path(results_root) / sweep.name)
-    sweep_dir.verify(sweep.config_hash())  # unwritable or foreign folder: refused, nothing written
     pending = [p for p in plans if not sweep_dir.run(p.run_id).is_complete()]
+    # Unwritable or foreign folder, or leftovers that cannot be cleared: refused, nothing written.
+    sweep_dir.verify(sweep.config_hash(), [p.run_id for p in pending])
     if pending:  # an unreachable cluster fails here, before anything is written
         launcher.connect(cluster, max(p.num_workers for p in pending))
     sweep_dir.claim(sweep.name, sweep.config_hash())
@@ -68,7 +69,7 @@ def run_sweep(sweep: SweepConfig, cluster: ClusterConfig, results_root: Path, *,
                 launcher.run_groups(sweep, cluster, sweep_dir, pending, on_group=on_group)
         for plan in plans:
             summary = sweep_dir.run(plan.run_id).read_summary()
-            statuses[plan.run_id] = summary["status"] if summary else "incomplete"
+            statuses[plan.run_id] = summary.status if summary else "incomplete"
     finally:
         sweep_dir.unlock()
     return SweepOutcome(sweep_dir.path, len(plans), skipped, statuses, groups, time.perf_counter() - t0)

@@ -25,7 +25,6 @@ import contextlib
 import csv
 import json
 import os
-import re
 import shutil
 import tempfile
 import warnings
@@ -34,9 +33,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
+from pydantic import ValidationError
 
+from bench import safeio
 from bench.errors import StoreError
 from bench.events import CorruptEventLog, read_events
+from bench.names import check_name
+from bench.summary import RunSummary
 
 SUMMARY = "summary.json"
 EVENTS = "events.jsonl"
@@ -48,21 +51,20 @@ WORKER_ENV = "worker_env.json"
 LOCK = ".lock"
 SWEEP_MARK = "sweep.json"  # name + config hash of the sweep that owns this folder
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
 class RunSkipped(UserWarning):
-    """A run folder that could not be read; it is skipped, and the warning names it."""
+    """A run folder that could not be read or is damaged; the warning names it and what is wrong
+    (the run is still returned, marked damaged, so that reports can list it)."""
 
 
-def check_name(name: str, what: str = "name") -> str:
-    """Sweep and run names become folder names: letters, digits, '.', '_', '-' only,
-    not starting with '.', so no name can escape the results folder."""
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
-        raise ValueError(
-            f"{what} {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit")
-    return name
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -70,6 +72,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; give it the mode every other file gets (0666 & ~umask), so
+        # that other users and pods can read results on shared storage.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -86,7 +91,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+    return safeio.read_json(path, "json")
 
 
 @dataclass
@@ -132,11 +137,15 @@ class RunDir:
     def write_json(self, name: str, obj: Any) -> None:
         atomic_write_json(self.path / check_name(name, "file name"), obj)
 
-    def write_summary(self, summary: dict) -> None:
-        atomic_write_json(self.summary_path, summary)
+    def write_summary(self, summary: RunSummary) -> None:
+        atomic_write_json(self.summary_path, summary.model_dump(mode="json"))
 
-    def read_summary(self) -> dict | None:
-        return _read_json(self.summary_path) if self.is_complete() else None
+    def read_summary(self) -> RunSummary | None:
+        """The run's summary, or None while it is incomplete. Raises ValueError (naming the file
+        and the field) for a file that is not a valid summary."""
+        if not self.is_complete():
+            return None
+        return _validated(RunSummary, _read_json(self.summary_path), self.summary_path)
 
     def read_plan(self) -> dict:
         return _read_json(self.path / RUN_PLAN)
@@ -144,7 +153,9 @@ class RunDir:
 
 @dataclass
 class RunRecord:
-    """Everything stored for one run, read back as plain Python values."""
+    """Everything stored for one run, read back and validated. ``damage`` is set (and ``status``
+    is "damaged") when a file the run's state requires is missing, unreadable or of the wrong
+    shape; such a record keeps whatever could be read, and every analysis leaves it out."""
 
     sweep: str
     run_id: str
@@ -154,24 +165,149 @@ class RunRecord:
     cluster: dict
     env: dict
     worker_env: dict
-    summary: dict | None  # None: incomplete
+    summary: RunSummary | None  # None: incomplete (or damaged before the summary could be read)
     events: list[dict] = field(default_factory=list)
+    damage: str | None = None
 
     @property
     def complete(self) -> bool:
-        return self.summary is not None
+        return self.summary is not None and self.damage is None
 
     @property
     def status(self) -> str:
-        return (self.summary or {}).get("status", "incomplete")
+        """success | diverged | oom (from the summary); incomplete; damaged."""
+        if self.damage is not None:
+            return "damaged"
+        return self.summary.status if self.summary is not None else "incomplete"
 
-    def telemetry_rows(self) -> list[dict[str, str]]:
-        """Sampler rows of every rank (strings, as in the CSV; analysis converts)."""
+    def read_telemetry(self) -> tuple[list[dict[str, str]], list[str]]:
+        """(sampler rows of every rank as strings, as in the CSVs; one problem line per telemetry
+        file that could not be read, which is left out while the others are kept)."""
         rows: list[dict[str, str]] = []
+        problems: list[str] = []
         for path in RunDir(self.path).telemetry_paths():
-            with open(path, newline="", encoding="utf-8") as fh:
-                rows.extend(csv.DictReader(fh))
-        return rows
+            try:
+                rows.extend(_telemetry_file(path, self.path))
+            except (ValueError, csv.Error) as err:
+                problems.append(f"{path}: {_reason(err, path)}")
+        return rows, problems
+
+
+def _telemetry_file(path: Path, root: Path) -> list[dict[str, str]]:
+    lines = (text for _, text in safeio.iter_lines(path, "telemetry", root=root))
+    reader = csv.reader(lines)
+    header = next(reader, None)
+    if not header or "time_ms" not in header or "run_id" not in header:
+        raise ValueError("not a telemetry CSV (no time_ms/run_id header)")
+    rows = []
+    for number, values in enumerate(reader, start=2):
+        if len(values) != len(header):
+            raise ValueError(f"line {number} has {len(values)} fields, the header {len(header)}")
+        rows.append(dict(zip(header, values)))
+    return rows
+
+
+def _reason(err: Exception, path: Path) -> str:
+    """An error's message without repeating the path and without raw content."""
+    text = str(err).replace(f"{path}: ", "").replace(str(path), path.name)
+    return " ".join(text.split())[:300]
+
+
+def _validated(model: Any, data: Any, path: Path) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        raise ValueError(f"{path.name}: {loc}: {e['msg']}") from None
+
+
+def _mapping(data: Any, path: Path) -> dict:
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.name}: expected a mapping, got {type(data).__name__}")
+    return data
+
+
+def validate_parts(*, plan: Any, config: Any, cluster: Any, env: Any, worker_env: Any,
+                   summary: Any, folder: Path) -> tuple[dict, dict, dict, dict, dict, RunSummary | None]:
+    """Check each stored part against the model that wrote it (RunPlan, SweepConfig, ClusterConfig,
+    RunSummary); raise ValueError naming the file and field. Returns the parts, the summary typed.
+    Also used by bench.submission for the copies a submission carries."""
+    from bench.config import ClusterConfig, SweepConfig  # config -> workloads; kept off import time
+    from bench.plan import RunPlan
+
+    _mapping(plan, folder / RUN_PLAN)
+    try:
+        RunPlan.from_dict(plan)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{RUN_PLAN}: not a run plan ({_reason(err, folder)})") from None
+    _validated(SweepConfig, _mapping(config, folder / CONFIG), folder / CONFIG)
+    if cluster:
+        _validated(ClusterConfig, _mapping(cluster, folder / CLUSTER), folder / CLUSTER)
+    _mapping(env, folder / ENV)
+    _mapping(worker_env, folder / WORKER_ENV)
+    typed = None if summary is None else _validated(RunSummary, summary, folder / SUMMARY)
+    return plan, config, cluster, env, worker_env, typed
+
+
+def _missing_for(summary: RunSummary | None, config: dict, folder: Path) -> list[str]:
+    """Files a run in this state must have: every run its inputs; a complete run also its event
+    log, rank 0's environment and, with telemetry on, rank 0's telemetry."""
+    need = [RUN_PLAN, CONFIG, ENV]
+    if summary is not None:
+        need += [EVENTS, WORKER_ENV]
+        if summary.telemetry is not None and (config.get("telemetry") or {}).get("enabled", True):
+            need.append("telemetry-rank0.csv")
+    return [n for n in need if not (folder / n).is_file()]
+
+
+def _unremovable(folder: Path) -> Path | None:
+    """The first folder under (and including) ``folder`` whose entries cannot be deleted, or None.
+    Deleting an entry needs write and search permission on the folder that holds it."""
+    if not folder.is_dir() or folder.is_symlink():
+        return None
+    for dirpath, dirnames, _files in os.walk(folder):
+        if not os.access(dirpath, os.W_OK | os.X_OK):
+            return Path(dirpath)
+        dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+    return None
+
+
+def load_run(run_dir: RunDir, sweep: str | None = None, *, with_events: bool = True) -> RunRecord:
+    """Read one run folder through safeio (bounded, no links), validating every part. Never
+    raises for a bad folder: a folder that is corrupt or misses a required file comes back
+    with ``damage`` saying what is wrong."""
+    p = run_dir.path
+    record = RunRecord(sweep=sweep or p.parent.name, run_id=p.name, path=p, plan={}, config={}, cluster={},
+                       env={}, worker_env={}, summary=None)
+
+    def opt(name: str, reader: Any) -> Any:
+        f = p / name
+        return reader(f, root=p) if f.exists() or f.is_symlink() else {}
+
+    try:
+        summary_raw = _read_json_in(p / SUMMARY, root=p) if (p / SUMMARY).exists() or (p / SUMMARY).is_symlink() else None
+        parts = validate_parts(
+            plan=opt(RUN_PLAN, _read_json_in), config=opt(CONFIG, _read_yaml_in) or {},
+            cluster=opt(CLUSTER, _read_yaml_in) or {}, env=opt(ENV, _read_json_in),
+            worker_env=opt(WORKER_ENV, _read_json_in), summary=summary_raw, folder=p)
+        record.plan, record.config, record.cluster, record.env, record.worker_env, record.summary = parts
+        missing = _missing_for(record.summary, record.config, p)
+        if missing:
+            record.damage = f"missing {', '.join(missing)}"
+        if with_events and (p / EVENTS).is_file():
+            record.events = read_events(p / EVENTS, root=p)
+    except (ValueError, OSError, CorruptEventLog, yaml.YAMLError) as err:
+        record.damage = _reason(err, p)
+    return record
+
+
+def _read_json_in(path: Path, *, root: Path) -> Any:
+    return safeio.read_json(path, "json", root=root)
+
+
+def _read_yaml_in(path: Path, *, root: Path) -> Any:
+    return safeio.read_yaml(path, "yaml", root=root)
 
 
 class SweepDir:
@@ -195,15 +331,21 @@ class SweepDir:
                 if p.is_dir() and not p.name.startswith(".") and (p / RUN_PLAN).exists()]
 
     # --- ownership and locking ------------------------------------------------------------
-    def verify(self, config_hash: str) -> None:
+    def verify(self, config_hash: str, pending: Iterable[str] = ()) -> None:
         """Read-only checks before anything starts: the folder (or its nearest existing parent)
-        is writable, and it is not owned by a different configuration."""
+        is writable, it is not owned by a different configuration, and what an interrupted
+        attempt left of the ``pending`` runs can be removed (the driver clears it before rerunning)."""
         existing = self.path
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             raise StoreError(f"results folder {self.path} is not writable ({existing} is not a writable folder)")
         self._check_owner(config_hash)
+        for run_id in pending:
+            blocked = _unremovable(self.run(run_id).path)
+            if blocked is not None:
+                raise StoreError(f"{self.run(run_id).path} is left from an interrupted attempt and cannot be "
+                                 f"removed ({blocked} is not writable); fix its permissions or delete it")
 
     def _check_owner(self, config_hash: str) -> None:
         mark = self.path / SWEEP_MARK
@@ -254,32 +396,6 @@ class SweepDir:
             self._lock_fd = None
 
 
-def load_run(run_dir: RunDir, sweep: str | None = None, *, with_events: bool = True) -> RunRecord:
-    """Read one run folder. Raises (ValueError/OSError/CorruptEventLog) when it is corrupt."""
-    p = run_dir.path
-
-    def opt_json(name: str) -> dict:
-        f = p / name
-        return _read_json(f) if f.exists() else {}
-
-    def opt_yaml(name: str) -> dict:
-        f = p / name
-        return (yaml.safe_load(f.read_text(encoding="utf-8")) or {}) if f.exists() else {}
-
-    return RunRecord(
-        sweep=sweep or p.parent.name,
-        run_id=p.name,
-        path=p,
-        plan=run_dir.read_plan(),
-        config=opt_yaml(CONFIG),
-        cluster=opt_yaml(CLUSTER),
-        env=opt_json(ENV),
-        worker_env=opt_json(WORKER_ENV),
-        summary=run_dir.read_summary(),
-        events=read_events(run_dir.events_path) if with_events and run_dir.events_path.exists() else [],
-    )
-
-
 def find_sweep_dirs(path: Path | str) -> list[SweepDir]:
     """A sweep folder itself, or a folder of sweep folders (e.g. ``results/``)."""
     path = Path(path)
@@ -293,18 +409,16 @@ def find_sweep_dirs(path: Path | str) -> list[SweepDir]:
 
 def load_results(paths: Iterable[Path | str], *, with_events: bool = True,
                  include_incomplete: bool = True) -> list[RunRecord]:
-    """All runs under the given result folders. Corrupt folders are skipped with a
-    RunSkipped warning naming the folder and what is wrong; nothing else is dropped."""
+    """All runs under the given result folders, each validated. A damaged folder is returned
+    marked (``record.damage``) and also warned about (RunSkipped, naming the folder and what is
+    wrong), so that no run disappears without a trace."""
     records: list[RunRecord] = []
     for path in paths:
         for sweep in find_sweep_dirs(path):
             for run_dir in sweep.run_dirs():
-                try:
-                    record = load_run(run_dir, sweep.name, with_events=with_events)
-                except (ValueError, OSError, CorruptEventLog, yaml.YAMLError) as err:
-                    warnings.warn(f"skipping corrupt run folder {run_dir.path}: {err}", RunSkipped,
-                                  stacklevel=2)
-                    continue
-                if record.complete or include_incomplete:
+                record = load_run(run_dir, sweep.name, with_events=with_events)
+                if record.damage is not None:
+                    warnings.warn(f"damaged run folder {run_dir.path}: {record.damage}", RunSkipped, stacklevel=2)
+                if record.complete or include_incomplete or record.damage is not None:
                     records.append(record)
     return records

@@ -228,12 +228,13 @@ def load_submission(path: Path | str) -> tuple[dict, list[store.RunRecord], list
         try:
             text = lambda n: (run / n).read_text(encoding="utf-8")  # noqa: E731 (written as UTF-8)
             opt = lambda n: json.loads(text(n)) if (run / n).is_file() else {}  # noqa: E731
-            records.append(store.RunRecord(
-                sweep=sweep, run_id=run_id, path=run, plan=opt(store.RUN_PLAN),
-                config=yaml.safe_load(text(store.CONFIG)) or {},
+            plan, config, cluster, env, worker_env, summary = store.validate_parts(
+                plan=opt(store.RUN_PLAN), config=yaml.safe_load(text(store.CONFIG)) or {},
                 cluster=yaml.safe_load(text(store.CLUSTER)) if (run / store.CLUSTER).is_file() else {},
-                env=opt(store.ENV), worker_env=opt(store.WORKER_ENV), summary=opt(store.SUMMARY),
-                events=read_mllog(log)))
+                env=opt(store.ENV), worker_env=opt(store.WORKER_ENV), summary=opt(store.SUMMARY), folder=run)
+            records.append(store.RunRecord(
+                sweep=sweep, run_id=run_id, path=run, plan=plan, config=config, cluster=cluster, env=env,
+                worker_env=worker_env, summary=summary, events=read_mllog(log)))
         except (OSError, ValueError, yaml.YAMLError) as err:
             problems.append(f"run {sweep}/{run_id}: unreadable ({err})")
     logged = {(p.parent.name, p.stem) for p in (root / "results").glob("*/*.log")}

@@ -31,6 +31,7 @@ from bench.feed import Batch, make_feed
 from bench.models import build_model
 from bench.plan import RunPlan
 from bench.store import RunDir
+from bench.summary import RunSummary
 from bench.workloads.data import Data
 
 
@@ -441,5 +442,5 @@ def execute_run(plan: RunPlan, sweep, run_dir: RunDir, ctx: WorkerContext, *, da
     if ctx.rank == 0:
         summary["telemetry"] = merge_summaries([t for t in telemetry_all if t]) if sampler else None
         run_dir.write_json("worker_env.json", worker_environment(ctx))
-        run_dir.write_summary(summary)
+        run_dir.write_summary(RunSummary.model_validate(summary))
     return summary

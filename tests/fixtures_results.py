@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench import events as ev
 from bench.plan import RunPlan, run_id, steps_per_epoch
 from bench.store import RunDir, SweepDir
+from bench.summary import RunSummary
 
 NUM_TRAIN, NUM_TEST = 500, 500
 T0_MS = 1_764_000_000_000.0  # an arbitrary start time (ms since the epoch)
@@ -65,7 +67,8 @@ class RunSpec:
 
 def sweep_config(name: str, *, description: str = "synthetic sweep", target: float = 0.8,
                  batches=(4,), workers=(1,), seeds=(0,), epochs: int = 10) -> dict:
-    return {"name": name, "description": description, "workload": "blobs", "model": "mlp",
+    safe = re.sub(r"[^A-Za-z0-9._-]", "-", name).strip("-.") or "sweep"  # the folder name may be anything
+    return {"name": safe, "description": description, "workload": "blobs", "model": "mlp",
             "lr": {"reference_lr": 0.01, "reference_batch_size": 4, "scaling": "linear", "warmup_epochs": 1.0},
             "epochs": epochs, "global_batch_sizes": list(batches), "num_workers": list(workers),
             "seeds": list(seeds), "target_accuracy": target, "optimizer": {"name": "sgd", "momentum": 0.9}}
@@ -173,7 +176,7 @@ def write_run(sweep_path: Path, spec: RunSpec, *, config: dict | None = None, cl
     if spec.status != "incomplete":
         summary = _summary(spec)
         summary["target_accuracy"] = (config or {}).get("target_accuracy", 0.8)
-        run.write_summary(summary)
+        run.write_summary(RunSummary.model_validate(summary))
     return run
 
 

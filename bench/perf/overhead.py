@@ -210,6 +210,7 @@ def run_batchscale(params: dict[str, Any], results_root: Path, name: str) -> dic
     """Side B: one run through runner -> launcher -> Ray Train -> worker."""
     from bench import events as ev
     from bench.runner import run_sweep
+    from bench.store import SweepDir
 
     sweep, cluster = sweep_for(params, name), cluster_for(params)
     t0 = time.perf_counter()
@@ -217,15 +218,15 @@ def run_batchscale(params: dict[str, Any], results_root: Path, name: str) -> dic
     wall_s = time.perf_counter() - t0
     (run_id, status), = outcome.statuses.items()
     run_dir = outcome.sweep_dir / run_id
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = SweepDir(outcome.sweep_dir).run(run_id).read_summary()
     if status != "success":
-        raise RuntimeError(f"batchscale run {run_id} ended {status}: {summary.get('failure')}")
+        raise RuntimeError(f"batchscale run {run_id} ended {status}: {summary.failure if summary else None}")
     samples_per_s, seconds, samples = epoch_throughput(ev.read_events(run_dir / "events.jsonl"), 2)
     expected = params["steps"] * params["micro_batch_size"]
     if samples != expected:
         raise RuntimeError(f"epoch 2 trained {samples} samples, expected {expected}")
-    if abs(summary["samples_per_s"] - samples_per_s) > 1e-3 * samples_per_s:  # events round to 1 us
-        raise RuntimeError(f"summary samples_per_s {summary['samples_per_s']:.1f} disagrees with "
+    if abs(summary.samples_per_s - samples_per_s) > 1e-3 * samples_per_s:  # events round to 1 us
+        raise RuntimeError(f"summary samples_per_s {summary.samples_per_s:.1f} disagrees with "
                            f"epoch 2's events {samples_per_s:.1f}")
     group = outcome.groups[0] if outcome.groups else None
     env = json.loads((run_dir / "worker_env.json").read_text())
