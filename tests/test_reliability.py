@@ -248,7 +248,8 @@ CORRUPTIONS = {  # run id -> what is done to it; None: left healthy
 }
 
 
-def test_corrupt_run_folders_skipped_with_one_line_each(results_folder: Path, tmp_path: Path, capsys):
+def test_corrupt_run_folders_marked_damaged_with_one_line_each(results_folder: Path, tmp_path: Path, capsys):
+    """A corrupt run folder is listed as damaged (never silently dropped) and warned about once."""
     import shutil
 
     sweep_dir = tmp_path / results_folder.name
@@ -259,13 +260,14 @@ def test_corrupt_run_folders_skipped_with_one_line_each(results_folder: Path, tm
     code = main(["results", str(sweep_dir), "--format", "csv"])
     out, err = capsys.readouterr()
     assert code == 0
-    rows = list(csv.DictReader(io.StringIO(out)))
-    assert [r["run_id"] for r in rows] == ["gbs000250-w001-s0", "gbs000500-w001-s0"]
-    assert all(r["status"] == "success" for r in rows)
+    rows = {r["run_id"]: r["status"] for r in csv.DictReader(io.StringIO(out))}
+    assert rows == {"gbs000050-w001-s0": "damaged", "gbs000100-w001-s0": "damaged",
+                    "gbs000125-w001-s0": "damaged", "gbs000250-w001-s0": "success",
+                    "gbs000500-w001-s0": "success"}
     warnings = stderr_lines(err)
     assert len(warnings) == 3, err
     for line, run_id in zip(warnings, ["gbs000050-w001-s0", "gbs000100-w001-s0", "gbs000125-w001-s0"]):
-        assert line.startswith("batchscale: ") and f"skipping corrupt run folder {sweep_dir / run_id}:" in line
+        assert line.startswith("batchscale: ") and f"damaged run folder {sweep_dir / run_id}:" in line
     assert ":3: broken event line" in warnings[0]  # the file and line number of the damage
 
 
