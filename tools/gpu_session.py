@@ -165,7 +165,7 @@ def _sweep(sweep: str, cluster: str, cap_s: int, needs: Optional[str] = None, bu
            memory: bool = False) -> Step:
     """A packaged sweep; its report is made afterwards, on any machine, from the archived runs."""
     return Step(f"sweep-{sweep}", ("-m", "bench", "run", sweep, "--cluster", cluster), sweep=sweep,
-                estimate_s=cap_s, resumable=True, headline=_sweep_line(sweep, memory), needs=needs, cap_s=cap_s,
+                estimate_s=cap_s, headline=_sweep_line(sweep, memory), needs=needs, cap_s=cap_s,
                 requires=() if built else (f"bench/sweeps/{sweep}.yaml",))
 
 

@@ -44,10 +44,8 @@ class Step:
     argv: tuple[str, ...]  # run as [python, *argv] in the repo root
     creates: tuple[str, ...] = ()  # done when all exist (repo-relative)
     estimate_s: int = 60
-    sweep: Optional[str] = None  # a packaged sweep: done when its planned runs are complete
-    keep: tuple[str, ...] = ()  # more paths to archive
+    sweep: Optional[str] = None  # a packaged sweep: done when its planned runs are complete; resumable
     headline: Optional[Callable[[Path], str]] = None
-    resumable: bool = False
     needs: Optional[str] = None  # a step that must be done first
     cap_s: Optional[float] = None  # at most this long in one call (a resumable sweep), then the next step
     requires: tuple[str, ...] = ()  # repo-relative files without which the step is not built yet
@@ -120,7 +118,7 @@ def is_done(step: Step, root: Path) -> bool:
 
 
 def outputs(step: Step) -> list[str]:
-    return [*step.creates, *step.keep] + ([f"results/{step.sweep}"] if step.sweep else [])
+    return [*step.creates] + ([f"results/{step.sweep}"] if step.sweep else [])
 
 
 def blocked(step: Step, root: Path, by_name: dict[str, Step]) -> Optional[str]:
@@ -253,7 +251,7 @@ def run_session(plan: Sequence[Step], root: Path, *, budget_s: float, python: st
             outcomes.append(Outcome(step, f"not started: needs {step.needs}"))
             continue
         left = deadline - time.monotonic()
-        need = MIN_RESUMABLE_S if step.resumable else step.estimate_s
+        need = MIN_RESUMABLE_S if step.sweep is not None else step.estimate_s
         if left < need and not force:
             outcomes.append(Outcome(step, f"not started: {left:.0f} s left, needs {need} s"))
             continue
