@@ -27,8 +27,7 @@ from bench.memprobe import meter as meters
 from bench.memprobe.fit import (DEFAULT_RESOLUTION, DEFAULT_SAFETY_MARGIN, ProbeResult, Try, fit_linear,
                                 format_mib, limit_check, memory_key, per_worker_batches, predict_largest, search)
 
-ACCUM_MICRO_BATCHES = 2  # micro-batches accumulated per probed optimizer step (the second runs beside
-# the first one's gradients: the worst case of an accumulating step)
+ACCUM_MICRO_BATCHES = 2  # per probed step: the second runs beside the first one's gradients (worst case)
 
 
 # --- what a try runs: the worker's step on random data of the workload's shape -----------------
@@ -142,7 +141,11 @@ class ProbeStep:
         return self.meter.last_allocated
 
     def __call__(self, micro_batch: int) -> int:
-        return self.meter.measure(lambda: [self.training.step(micro_batch) for _ in range(self.repeats)])
+        def steps() -> None:
+            for _ in range(self.repeats):
+                self.training.step(micro_batch)
+
+        return self.meter.measure(steps)
 
     def run_eval(self, n: int) -> int:
         return self.meter.measure(lambda: self.training.eval_chunk(n))
