@@ -44,13 +44,15 @@ def make_plan(sweep: str, global_batch_size: int, *, num_workers: int = 1, seed:
 
 @dataclass
 class Eval:
-    """One evaluation: after `epoch` epochs (0 = before training)."""
+    """One evaluation: after `epoch` epochs (0 = before training), or, with `step`, after that many
+    optimizer steps (mid-epoch; `epoch` is then the epoch in progress, as the worker logs it)."""
 
     epoch: int
     train_acc: float
     test_acc: float
     train_loss: float = 0.5
     test_loss: float = 0.6
+    step: int | None = None
 
 
 @dataclass
@@ -74,10 +76,22 @@ def sweep_config(name: str, *, description: str = "synthetic sweep", target: flo
             "seeds": list(seeds), "target_accuracy": target, "optimizer": {"name": "sgd", "momentum": 0.9}}
 
 
-def _position(plan: RunPlan, epoch: int, epoch_time_s: float) -> dict:
-    return {"epoch_num": epoch, "step": epoch * plan.steps_per_epoch,
-            "samples_count": epoch * plan.steps_per_epoch * plan.global_batch_size,
-            "train_time_s": round(epoch * epoch_time_s, 6), "elapsed_s": round(epoch * epoch_time_s * 1.2, 6)}
+def epoch_samples(plan: RunPlan) -> int:
+    """Samples one epoch consumes: the training set, less a final partial batch the plan drops."""
+    return min(plan.num_train, plan.steps_per_epoch * plan.global_batch_size)
+
+
+def _position(plan: RunPlan, e: Eval, epoch_time_s: float) -> dict:
+    step = e.epoch * plan.steps_per_epoch if e.step is None else e.step
+    full, within = divmod(step, plan.steps_per_epoch)
+    return {"epoch_num": e.epoch, "step": step,
+            "samples_count": full * epoch_samples(plan) + within * plan.global_batch_size,
+            "train_time_s": round(step / plan.steps_per_epoch * epoch_time_s, 6),
+            "elapsed_s": round(step / plan.steps_per_epoch * epoch_time_s * 1.2, 6)}
+
+
+def _epochs_run(spec: RunSpec) -> int:
+    return max(math.ceil(_position(spec.plan, e, 1.0)["step"] / spec.plan.steps_per_epoch) for e in spec.evals)
 
 
 def _write_events(run: RunDir, spec: RunSpec) -> None:
@@ -89,7 +103,7 @@ def _write_events(run: RunDir, spec: RunSpec) -> None:
                            (ev.NUM_WORKERS, plan.num_workers), (ev.OPT_BASE_LEARNING_RATE, plan.peak_lr),
                            (ev.STEPS_PER_EPOCH, plan.steps_per_epoch)):
             log.log(key, value, time_ms=ms(0))
-        last_epoch = max(e.epoch for e in spec.evals)
+        last_epoch = _epochs_run(spec)
         for epoch in range(1, last_epoch + 1):
             t = (epoch - 1) * spec.epoch_time_s
             first = (epoch - 1) * plan.steps_per_epoch
@@ -98,9 +112,10 @@ def _write_events(run: RunDir, spec: RunSpec) -> None:
             for step in lr_steps:
                 log.log(ev.OPT_LEARNING_RATE, plan.lr(step), metadata={"step": step}, time_ms=ms(t))
             log.log(ev.EPOCH_STOP, event_type=ev.INTERVAL_END, time_ms=ms(t + spec.epoch_time_s),
-                    metadata={**_position(plan, epoch, spec.epoch_time_s), "epoch_train_time_s": spec.epoch_time_s})
+                    metadata={**_position(plan, Eval(epoch, 0, 0), spec.epoch_time_s),
+                              "epoch_train_time_s": spec.epoch_time_s})
         for e in spec.evals:
-            pos = _position(plan, e.epoch, spec.epoch_time_s)
+            pos = _position(plan, e, spec.epoch_time_s)
             for key, value in ((ev.TRAIN_ACCURACY, e.train_acc), (ev.TRAIN_LOSS, e.train_loss),
                                (ev.EVAL_ACCURACY, e.test_acc), (ev.EVAL_LOSS, e.test_loss)):
                 log.log(key, value, metadata=pos, time_ms=ms(pos["elapsed_s"]))
@@ -115,7 +130,7 @@ def _write_events(run: RunDir, spec: RunSpec) -> None:
 
 def _write_telemetry(run: RunDir, spec: RunSpec, num_samples: int = 40) -> None:
     kind = spec.telemetry_kind
-    duration_s = max(e.epoch for e in spec.evals) * spec.epoch_time_s
+    duration_s = _epochs_run(spec) * spec.epoch_time_s
     with open(run.telemetry_path(0), "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=TELEMETRY_COLUMNS)
         writer.writeheader()
@@ -135,7 +150,7 @@ def _write_telemetry(run: RunDir, spec: RunSpec, num_samples: int = 40) -> None:
 
 def _summary(spec: RunSpec) -> dict:
     plan, final = spec.plan, spec.evals[-1]
-    epochs = final.epoch
+    epochs = _epochs_run(spec)
     best = max(e.test_acc for e in spec.evals)
     tele = None
     if spec.telemetry_kind:
@@ -153,7 +168,7 @@ def _summary(spec: RunSpec) -> dict:
         "per_worker_batch_size": plan.per_worker_batch_size, "micro_batch_size": plan.micro_batch_size,
         "grad_accum_steps": plan.grad_accum_steps, "seed": plan.seed, "peak_lr": plan.peak_lr,
         "epochs_completed": epochs, "steps_completed": epochs * plan.steps_per_epoch,
-        "samples_seen": epochs * plan.steps_per_epoch * plan.global_batch_size,
+        "samples_seen": epochs * epoch_samples(plan),
         "final_train_acc": final.train_acc, "final_test_acc": final.test_acc,
         "final_train_loss": final.train_loss, "final_test_loss": final.test_loss, "best_test_acc": best,
         "train_time_s": epochs * spec.epoch_time_s, "eval_time_s": 0.1 * epochs,
