@@ -354,14 +354,14 @@ def scaling_regimes(batch: Iterable[float], steps: Iterable[float], *,
                          "speedup_per_doubling": per_doubling.values, "regime": regimes})
 
 
-def steps_verdict(runs: pd.DataFrame, batch_a: float, batch_b: float, col: str = "steps_to_target"):
-    """bench.spread.compare of one to-target column between two global batches of one sweep's
-    runs, the evaluation interval (the larger mean resolution of the two) included."""
+def compare_batches(runs: pd.DataFrame, col: str, batch_a: float, batch_b: float, *, unit: str = ""):
+    """bench.spread.compare of one column between two global batches of one sweep's runs; for a
+    to-target column the evaluation interval (the larger mean resolution of the two) counts too."""
     res_col = crossing.resolution_of(col)
     a, b = (runs[runs["global_batch_size"] == x] for x in (batch_a, batch_b))
     widths = [g[res_col].mean() for g in (a, b) if res_col in g]
     resolution = max((w for w in widths if math.isfinite(w)), default=math.nan)
-    return compare(Sample.of(a[col]), Sample.of(b[col]), resolution=resolution)
+    return compare(Sample.of(a[col]), Sample.of(b[col]), resolution=resolution, unit=unit)
 
 
 def speedup_frame(runs_df: pd.DataFrame) -> pd.DataFrame:
@@ -384,10 +384,11 @@ def speedup_frame(runs_df: pd.DataFrame) -> pd.DataFrame:
         regimes["perfect_speedup"] = regimes["global_batch_size"] / b0
         regimes["scaling_fraction"] = regimes["speedup"] / regimes["perfect_speedup"]
         order = list(reached["global_batch_size"])
-        regimes["speedup_noise"] = [steps_verdict(g, b0, b).short if b in order and b != b0 else None
+        regimes["speedup_noise"] = [compare_batches(g, "steps_to_target", b0, b).short if b in order and b != b0 else None
                                     for b in regimes["global_batch_size"]]
-        regimes["regime_noise"] = [steps_verdict(g, order[max(order.index(b), 1) - 1], order[max(order.index(b), 1)]).short
-                                   if b in order and len(order) > 1 else None for b in regimes["global_batch_size"]]
+        segment = {b: order[max(i, 1) - 1: max(i, 1) + 1] for i, b in enumerate(order)}  # as scaling_regimes
+        regimes["regime_noise"] = [compare_batches(g, "steps_to_target", *segment[b]).short
+                                   if b in segment and len(order) > 1 else None for b in regimes["global_batch_size"]]
         frames.append(regimes)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

@@ -131,7 +131,7 @@ def fit_steps_curve(batch: Iterable[float], steps: Iterable[float], *, resamples
     out.update(S_min=float(s_min[0]), B_crit=float(b_crit[0]),
                rel_rms=float(np.sqrt(np.mean(((means[0] - pred) / means[0]) ** 2))))
     if out["n_batches_with_spread"] == 0:
-        out["interval_reason"] = "one run per batch size: the spread between seeds is unknown, so no interval"
+        out["interval_reason"] = "one run per batch size: the spread between seeds is unknown"
         return out
     out.update(_bootstrap(groups, batches, resamples, seed, confidence))
     return out

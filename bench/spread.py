@@ -75,7 +75,7 @@ def compare(a: Sample, b: Sample, *, unit: str = "", resolution: float = math.na
                        f"({_fmt(resolution, digits)}{u}), so it is not resolved")
     if a.n < 2 or b.n < 2:
         return Verdict("unknown", gap, math.nan,
-                       f"{n} run{'s' * (max(a.n, b.n) != 1)}: with one seed the spread between seeds is unknown, "
+                       f"one run on at least one side ({n}): the spread between seeds is unknown, "
                        "so this difference is not established")
     threshold = 2 * math.sqrt(a.std**2 / a.n + b.std**2 / b.n)
     if gap > threshold:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench import events as ev
-from bench.plan import RunPlan, run_id, steps_per_epoch
+from bench.plan import RunPlan, geometric_steps, run_id, steps_per_epoch
 from bench.store import RunDir, SweepDir
 from bench.summary import RunSummary
 
@@ -197,45 +197,85 @@ def write_run(sweep_path: Path, spec: RunSpec, *, config: dict | None = None, cl
 
 # --- a whole sweep with a known steps(B) curve ------------------------------------------------
 
+def _accuracy(epoch: float, tau: float, ceiling: float, start: float) -> float:
+    return start + (ceiling - start) * (1 - math.exp(-epoch / tau))
+
+
 def curve(epochs: int, epochs_to_target: float, *, target: float = 0.8, ceiling: float = 0.95,
-          train_bonus: float = 0.02, start: float = 0.33) -> list[Eval]:
+          train_bonus: float = 0.02, start: float = 0.33, plan: RunPlan | None = None) -> list[Eval]:
     """Test accuracy rising as start + (ceiling - start)(1 - exp(-epoch / tau)), with tau set so it
     crosses `target` exactly at `epochs_to_target` (never, if target >= ceiling); train accuracy
-    climbs to `train_bonus` above test by the last epoch."""
+    climbs to `train_bonus` above test by the last epoch. With `plan`, evaluations come where
+    ``eval_every_steps: auto`` puts them (bench.plan.geometric_steps and every epoch end)."""
     fraction = min((target - start) / (ceiling - start), 0.99)  # target above the ceiling: never reached
     tau = epochs_to_target / -math.log(1 - fraction)
+    if plan is None:
+        points = [(float(e), e, None) for e in range(epochs + 1)]
+    else:
+        spe = plan.steps_per_epoch
+        steps = sorted(geometric_steps(spe * epochs) | set(range(spe, spe * epochs + 1, spe)))
+        points = [(0.0, 0, None)] + [(s / spe, math.ceil(s / spe), s) for s in steps]
     out = []
-    for epoch in range(epochs + 1):
-        acc = start + (ceiling - start) * (1 - math.exp(-epoch / tau))
+    for position, epoch, step in points:
+        acc = _accuracy(position, tau, ceiling, start)
         loss = 1.1 * (1 - acc) + 0.05
-        out.append(Eval(epoch, min(1.0, acc + train_bonus * epoch / epochs), acc, loss * 0.9, loss))
+        out.append(Eval(epoch, min(1.0, acc + train_bonus * position / epochs), acc, loss * 0.9, loss, step=step))
     return out
+
+
+def v2_extra(plan: RunPlan, status: str, *, kind: str = "gpu", failure_step: int = 0) -> dict:
+    """What a schema-v2 summary adds: per-run memory growing with the per-worker batch, NVML
+    baseline, the hardware seen and, for a divergence, the LR at the failing step."""
+    b = plan.per_worker_batch_size
+    extra: dict = {"schema_version": 2,
+                   "memory": {"baseline_allocated_gib": 0.05, "baseline_reserved_gib": 0.1,
+                              "train_peak_allocated_gib": 0.2 + b / 200, "train_peak_reserved_gib": 0.3 + b / 150}}
+    if kind == "gpu":
+        extra["hardware"] = {"num_workers": plan.num_workers, "nodes": ["node-a"], "hostnames": ["host-a"],
+                             "device_type": "cuda", "gpus": [{"model": "NVIDIA H100 80GB HBM3", "memory_gib": 79.6,
+                                                              "uuid": f"GPU-{i}"} for i in range(plan.num_workers)]}
+    if status == "diverged":
+        extra["failure"] = {"reason": "smoothed loss above the limit", "step": failure_step, "epoch_num": 1,
+                            "criterion": "smoothed_loss", "lr": plan.lr(failure_step), "peak_lr": plan.peak_lr,
+                            "in_warmup": failure_step < plan.warmup_steps, "loss": 30.0, "limit": 23.0}
+    return extra
 
 
 def write_sweep(root: Path, name: str = "demo", *, batches=(4, 16, 64, 256), seeds=(0, 1), workers=(1,),
                 epochs: int = 40, s_min: float = 100.0, b_crit: float = 64.0, target: float = 0.8,
                 description: str = "synthetic sweep", cluster: dict | None = None,
                 worker_env: dict | None = None, telemetry_kind: str = "cpu",
-                failures: dict[int, str] | None = None) -> Path:
+                failures: dict[int, str] | None = None, v2: bool = False) -> Path:
     """Write results/<name>/ with one run per (workers, batch, seed). Steps-to-target follow
     S_min (1 + B_crit / B); seed s shifts them by +s %. `failures` maps a batch to a status
-    ('diverged', 'incomplete', ...) given to its last seed. Returns the sweep folder."""
+    ('diverged', 'incomplete', ...) given to its last seed. v2: schema-v2 summaries (bench.summary)
+    and evaluations where ``eval_every_steps: auto`` puts them. Returns the sweep folder."""
     sweep_path = Path(root) / name
     config = sweep_config(name, description=description, target=target, batches=batches,
                           workers=workers, seeds=seeds, epochs=epochs)
+    if v2:
+        config["eval_every_steps"] = "auto"
     for w in workers:
         for b in batches:
             for seed in seeds:
                 plan = make_plan(name, b, num_workers=w, seed=seed, epochs=epochs)
+                if v2:
+                    plan = replace(plan, eval_every_steps=None, eval_auto=True)
                 steps = s_min * (1 + b_crit / b) * (1 + 0.01 * seed)
                 evals = curve(epochs, steps / plan.steps_per_epoch, target=target,
-                              ceiling=0.95 - 0.03 * math.log2(b / batches[0]) / 4, train_bonus=0.02)
+                              ceiling=0.95 - 0.03 * math.log2(b / batches[0]) / 4, train_bonus=0.02,
+                              plan=plan if v2 else None)
                 status = (failures or {}).get(b, "success") if seed == seeds[-1] else "success"
+                cut = max(2, len(evals) // 3)
                 spec = RunSpec(plan, evals, epoch_time_s=0.02 * (1 + 16 / b) / w ** 0.5, status=status,
                                reason=None if status == "success" else f"{status} in a synthetic run",
                                telemetry_kind=telemetry_kind, noise_scale=b_crit * 0.8)
                 if status in ("diverged", "incomplete"):
-                    spec = replace(spec, evals=evals[: max(2, len(evals) // 3)])
+                    spec = replace(spec, evals=evals[:cut])
+                if v2:
+                    last = spec.evals[-1]
+                    step = last.step if last.step is not None else last.epoch * plan.steps_per_epoch
+                    spec = replace(spec, extra=v2_extra(plan, status, kind=telemetry_kind, failure_step=step))
                 write_run(sweep_path, spec, config=config, cluster=cluster or {"name": "test-cluster"},
                           worker_env=worker_env)
     return sweep_path
