@@ -21,9 +21,11 @@ The estimator, chosen on purpose:
   seed, so a report is reproducible. A batch with one run adds no spread; with one run per batch
   there is no interval. With n seeds the bootstrap understates the spread of a mean by
   sqrt((n-1)/n) (0.71 at n = 2): read the interval as a lower bound on the uncertainty;
-- **coarse points excluded** (``fit_sweep``): a run whose crossing is resolved more coarsely than
-  ``MAX_RESOLUTION_FRACTION`` of its steps-to-target (the evaluation before the crossing lies
-  more than 25 % earlier) is left out and named, rather than modelled as interval-censored: a
+- **coarse points excluded** (``fit_sweep``): a batch size whose crossings are resolved more
+  coarsely than ``MAX_RESOLUTION_FRACTION`` of its mean steps-to-target (on average the evaluation
+  before the crossing lies more than 25 % earlier) is left out and named, per batch rather than
+  per run (dropping single runs would keep the seeds that crossed late), and rather than modelled
+  as interval-censored: a
   censored likelihood would need a noise model that one or two seeds cannot pin down, and the
   crossing evaluation overstates the true crossing by up to its resolution, i.e. by more than
   the seed spread we are trying to measure. Evaluating at ``eval_every_steps: auto`` keeps every
@@ -96,14 +98,15 @@ def _empty(n_points: int, n_batches: int, reason: str) -> dict[str, Any]:
     return {"S_min": nan, "B_crit": nan, "S_min_err": nan, "B_crit_err": nan, "S_min_lo": nan, "S_min_hi": nan,
             "B_crit_lo": nan, "B_crit_hi": nan, "n_points": n_points, "n_batches": n_batches,
             "n_batches_with_spread": 0, "rel_rms": nan, "reason": reason, "interval_reason": reason,
-            "confidence": CONFIDENCE, "resamples": 0, "excluded": []}
+            "confidence": CONFIDENCE, "resamples": 0, "excluded": [], "batch_min": nan, "batch_max": nan}
 
 
 def fit_steps_curve(batch: Iterable[float], steps: Iterable[float], *, resamples: int = BOOTSTRAP_RESAMPLES,
                     seed: int = BOOTSTRAP_SEED, confidence: float = CONFIDENCE) -> dict[str, Any]:
     """Fit steps(B) = S_min (1 + B_crit / B) to per-run points (see the module docstring).
 
-    Returns S_min, B_crit (point estimates from the per-batch means), their bootstrap std
+    Returns S_min, B_crit (point estimates from the per-batch means), batch_min/batch_max (the
+    batch range the fit saw: B_crit beyond it is an extrapolation), their bootstrap std
     (``*_err``) and ``confidence`` percentile interval (``*_lo``/``*_hi``; B_crit_hi may be inf
     when some resamples have no plateau), n_points, n_batches, n_batches_with_spread (batches
     with two or more runs), rel_rms (relative residual of the means), ``reason`` (why there is
@@ -120,7 +123,8 @@ def fit_steps_curve(batch: Iterable[float], steps: Iterable[float], *, resamples
     means = np.array([[np.exp(g).mean() for g in groups]])
     b_crit, s_min = _solve(np.log(means), batches, polish=True)
     out = _empty(int(b.size), int(batches.size), "")
-    out.update(reason=None, interval_reason=None, n_batches_with_spread=sum(g.size > 1 for g in groups))
+    out.update(reason=None, interval_reason=None, n_batches_with_spread=sum(g.size > 1 for g in groups),
+               batch_min=float(batches.min()), batch_max=float(batches.max()))
     if not math.isfinite(s_min[0]):
         where = (f"steps fall as 1/B throughout, B_crit above batch {batches.max():g}" if b_crit[0] > 0
                  else f"steps do not fall with the batch size as modelled, B_crit below batch {batches.min():g}")
@@ -162,23 +166,43 @@ def _bootstrap(groups: list[np.ndarray], batches: np.ndarray, resamples: int, se
 def fit_sweep(runs: Any, *, max_resolution_fraction: float = MAX_RESOLUTION_FRACTION,
               **kw: Any) -> dict[str, Any]:
     """The fit of one sweep's runs_frame rows: runs that reached the target (first crossing),
-    damaged runs left out, and points resolved more coarsely than ``max_resolution_fraction`` of
-    their steps-to-target excluded and named in ``excluded``."""
+    damaged runs left out, and every batch whose crossings are resolved more coarsely than
+    ``max_resolution_fraction`` of its mean steps-to-target (mean resolution / mean steps)
+    excluded, named in ``excluded`` (sentences) and listed in ``excluded_batches``. The rule is applied per batch, not per run: at one
+    evaluation spacing a seed that crossed later has the smaller relative interval, so dropping
+    single runs would keep the slow seeds and bias the batch's mean upwards."""
     usable = runs[runs["status"].ne("damaged") & runs["steps_to_target"].notna()]
     excluded: list[str] = []
+    coarse: list[float] = []
     if "steps_to_target_resolution" in usable:
-        width = usable["steps_to_target_resolution"]
-        coarse = width > max_resolution_fraction * usable["steps_to_target"]
-        for row in usable[coarse].itertuples():
-            excluded.append(f"batch {row.global_batch_size:g} seed {row.seed:g}: crossing at step "
-                            f"{row.steps_to_target:g}, resolved to {row.steps_to_target_resolution:g} steps "
-                            f"({row.steps_to_target_resolution / row.steps_to_target:.0%})")
-        usable = usable[~coarse]
+        for batch, g in usable.groupby("global_batch_size"):
+            steps, width = g["steps_to_target"].mean(), g["steps_to_target_resolution"].mean()
+            if width > max_resolution_fraction * steps:
+                coarse.append(batch)
+                excluded.append(f"batch {batch:g}: mean crossing at step {steps:.4g}, resolved to {width:.4g} steps "
+                                f"({width / steps:.0%}; {len(g)} run{'s' * (len(g) != 1)})")
+        usable = usable[~usable["global_batch_size"].isin(coarse)]
     fit = fit_steps_curve(usable["global_batch_size"], usable["steps_to_target"], **kw)
     fit["excluded"] = excluded
+    fit["excluded_batches"] = [float(b) for b in coarse]
     if excluded and fit["reason"]:
-        fit["reason"] += f" after excluding {len(excluded)} coarsely resolved point(s)"
+        fit["reason"] += f" (after excluding {len(excluded)} coarsely resolved batch size(s))"
     return fit
+
+
+def caveats(fit: dict[str, Any]) -> list[str]:
+    """What a reader must know before using a fit's B_crit (empty when nothing)."""
+    out = []
+    b_crit = fit.get("B_crit", math.nan)
+    if not math.isfinite(b_crit):
+        return out
+    if fit.get("n_batches") == 2:
+        out.append("two batch sizes: the curve passes through both points, so nothing tests the model")
+    if b_crit > fit.get("batch_max", math.inf):
+        out.append(f"B_crit lies beyond the largest batch in the fit ({fit['batch_max']:g}): an extrapolation")
+    elif b_crit < fit.get("batch_min", 0.0):
+        out.append(f"B_crit lies below the smallest batch in the fit ({fit['batch_min']:g}): an extrapolation")
+    return out
 
 
 def critical_batch(sweep_runs: Any, fit: dict[str, Any]) -> dict[str, Any]:

@@ -262,6 +262,8 @@ def plan_capacity(runs_df, *, target_accuracy: float, deadline_s: float | None =
 
 
 def _assumptions(tp: _Throughput, fit: dict, fit_ok: bool, mem, gpu_memory_gib) -> list[str]:
+    from bench.fit import caveats
+
     if not tp.known:
         return ["no run reached the target: there is no to-target throughput to scale and nothing to plan"]
     out = ["one GPU per Ray Train worker; every time (measured or extrapolated) is training time to the first "
@@ -277,7 +279,8 @@ def _assumptions(tp: _Throughput, fit: dict, fit_ok: bool, mem, gpu_memory_gib) 
         interval = (f", 95 % bootstrap interval of B_crit {lo:.4g} to {hi:.4g}" if math.isfinite(lo) and math.isfinite(hi)
                     else f" (no interval: {fit.get('interval_reason') or 'unknown'})")
         out.append(f"steps(B) = {fit['S_min']:.4g} (1 + {fit['B_crit']:.4g} / B) fitted over {fit['n_batches']} "
-                   f"batches (bench.fit: per-batch means, log least squares){interval}")
+                   f"batches (bench.fit: per-batch means, log least squares){interval}"
+                   + "".join(f"; {c}" for c in caveats(fit)))
     else:
         out.append(f"no steps(B) fit ({fit.get('reason')}): only measured batches are planned")
     if fit.get("excluded"):
@@ -367,7 +370,7 @@ def plan_figure(result: PlanResult):
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
-    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    fig = Figure(figsize=(8.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
     t = result.table.dropna(subset=["time_to_target_s"])
     by_batch = t["num_gpus"].nunique() == 1
@@ -395,7 +398,7 @@ def plan_figure(result: PlanResult):
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xticks(ticks, labels=[str(int(v)) for v in ticks])
     if ax.get_legend_handles_labels()[0]:  # nothing reached the target: no line to name
-        ax.legend(fontsize="small", ncols=2)
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize="small")  # hides no data
     return fig
 
 

@@ -13,7 +13,8 @@ left out of every table above it, every figure and every fit; the page says so. 
 file that cannot be read is named in one line and skipped; the other runs' telemetry is drawn.
 
 Reads results only through ``bench.store.load_results`` and numbers only through
-``bench.analysis``; plots live in ``bench.report_figures`` / ``bench.report_scaling``, tables in
+``bench.analysis``; plots live in ``bench.report_figures``, ``bench.report_scaling`` and
+``bench.report_hardware``, tables in
 ``bench.report_tables``, the header in ``bench.report_text``.
 Must not import: torch, ray, pyplot.
 """
@@ -34,6 +35,7 @@ import pandas as pd
 
 from bench import analysis as an
 from bench import report_figures as rf
+from bench import report_hardware as rh
 from bench import report_scaling as rs
 from bench import report_tables as rt
 from bench.errors import UserError
@@ -107,9 +109,9 @@ def build_figures(records: list[RunRecord], runs: pd.DataFrame, speed: pd.DataFr
         ("gap", "Generalisation gap", lambda: rf.fig_generalisation(runs, style)),
         ("steps", "Steps to target", lambda: rs.fig_steps_to_target(runs, speed, fits, style)),
         ("time", "Time to target", lambda: rs.fig_time_to_target(runs, style)),
-        ("throughput", "Throughput", lambda: rf.fig_throughput(runs, an.scaling_efficiency(runs), style)),
-        ("memory", "Memory", lambda: rf.fig_memory(runs, style)),
-        ("telemetry", "Telemetry", lambda: rf.fig_telemetry(tele, style)),
+        ("throughput", "Throughput", lambda: rh.fig_throughput(runs, an.scaling_efficiency(runs), style)),
+        ("memory", "Memory", lambda: rh.fig_memory(runs, style)),
+        ("telemetry", "Telemetry", lambda: rh.fig_telemetry(tele, style)),
         ("lr", "Learning-rate schedule", lambda: rf.fig_lr(an.lr_frame(records), runs, style)),
         ("capacity", "Capacity plan: time to target against GPUs", lambda: _capacity_figure(runs)),
     ]

@@ -21,7 +21,7 @@ import pandas as pd
 from bench import analysis as an
 from bench import crossing
 from bench import report_figures as rf
-from bench.fit import BOOTSTRAP_RESAMPLES, CONFIDENCE, MAX_RESOLUTION_FRACTION
+from bench.fit import BOOTSTRAP_RESAMPLES, CONFIDENCE, MAX_RESOLUTION_FRACTION, caveats
 from bench.spread import Sample, compare
 
 SUSTAINED_SHIFT = 2**0.12  # hollow sustained markers sit just right of their batch
@@ -69,7 +69,7 @@ def _plot_fit(ax, runs: pd.DataFrame, speed: pd.DataFrame, fits: dict, style: rf
         if math.isfinite(fit.get("S_min", math.nan)):
             ax.plot(grid, fit["S_min"] * (1 + fit["B_crit"] / grid), color="0.2", lw=1, ls=style.sweep_line[sweep],
                     label=f"fit B_crit={rf.fmt(fit['B_crit'])} {_interval(fit, short=True)}" + rf.sweep_label(sweep, multi))
-        left_out = runs[(runs["sweep"] == sweep) & _coarse(runs)]
+        left_out = runs[(runs["sweep"] == sweep) & runs["global_batch_size"].isin(fit.get("excluded_batches", []))]
         if len(left_out):
             ax.scatter(left_out["global_batch_size"], left_out["steps_to_target"], marker="x", s=40, color="0.45",
                        zorder=4, label=f"left out of the fit (resolution > {MAX_RESOLUTION_FRACTION:.0%})")
@@ -77,11 +77,6 @@ def _plot_fit(ax, runs: pd.DataFrame, speed: pd.DataFrame, fits: dict, style: rf
         for row in ok[ok["regime"].ne(ok["regime"].shift())].itertuples():  # where each regime begins
             ax.annotate(rf.REGIME_SHORT.get(row.regime, "") + " →", (row.global_batch_size, row.steps_to_target),
                         textcoords="offset points", xytext=(4, shift), fontsize=7, color="0.35")
-
-
-def _coarse(runs: pd.DataFrame) -> pd.Series:
-    width = runs.get("steps_to_target_resolution", pd.Series(math.nan, index=runs.index))
-    return width > MAX_RESOLUTION_FRACTION * runs["steps_to_target"]
 
 
 def _interval(fit: dict, *, short: bool = False) -> str:
@@ -121,6 +116,7 @@ def fig_steps_to_target(runs: pd.DataFrame, speed: pd.DataFrame, fits: dict, sty
     _plot_fit(axes[0, 0], runs, speed, fits, style)
     _mark_critical(axes.flat, runs, fits)
     axes[0, 0].set_ylabel("steps to target" + rf.log_y(axes[0, 0], runs["steps_to_target"], force=True))
+    _fit_to_data(axes[0, 0], runs)
     rf.legend_below(fig, axes[0, 0], ncol=4)
     _crossings(axes[0, 1], runs, "epochs_to_target", style)
     axes[0, 1].set_ylabel("epochs to target")
@@ -128,6 +124,16 @@ def fig_steps_to_target(runs: pd.DataFrame, speed: pd.DataFrame, fits: dict, sty
         rf.batch_axis(ax, runs["global_batch_size"])
         _not_reached_marks(ax, runs, col)
     return rf.FigureResult("steps", title, fig, _steps_caption(runs, speed, fits))
+
+
+def _fit_to_data(ax, runs: pd.DataFrame) -> None:
+    """Y limits from the measured crossings (and the bottoms of their error bars), so that the
+    perfect-scaling guide does not stretch the axis by decades."""
+    lows = runs["steps_to_target"] - runs.get("steps_to_target_resolution", 0)
+    values = pd.concat([lows[lows > 0], runs["steps_to_target"],
+                        runs.get("steps_to_target_sustained", pd.Series(dtype=float))]).dropna()
+    if len(values):
+        ax.set_ylim(values.min() / 1.4, values.max() * 1.4)
 
 
 def _failed_batches(g: pd.DataFrame, batches: list[int]) -> list[str]:
@@ -152,30 +158,34 @@ def _steps_caption(runs: pd.DataFrame, speed: pd.DataFrame, fits: dict) -> str:
         ok = g.dropna(subset=["steps_to_target"])
         missing = g.loc[g["steps_to_target"].isna(), "global_batch_size"].astype(int).tolist()
         if ok.empty:
-            sentences.append(f"No batch reached the target{rf.sweep_label(sweep, multi)}"
+            sentences.append(f"No batch reached the target{rf.caption_label(sweep, multi)}"
                              + "".join(f"; {t}" for t in _failed_batches(r, missing)) + ".")
             continue
         top = ok.iloc[-1]
         at_top = r[r["global_batch_size"] == top.global_batch_size]
         target = r["target_accuracy"].iloc[0]
         text = (f"Batch {top.global_batch_size:.0f} reached {target:.2f} test accuracy in "
-                f"{at_top['epochs_to_target'].mean():.3g} epochs, {top.speedup:.1f}x fewer steps than batch "
-                f"{top.baseline_batch:.0f} (perfect scaling: {top.perfect_speedup:.0f}x){rf.sweep_label(sweep, multi)}")
-        if top.global_batch_size != top.baseline_batch:
-            text += ": " + an.compare_batches(r, "steps_to_target", top.baseline_batch, top.global_batch_size,
-                                              unit="steps").phrase
+                f"{at_top['epochs_to_target'].mean():.3g} epochs")
+        if top.global_batch_size == top.baseline_batch:
+            text = f"Only b{text[1:]}{rf.caption_label(sweep, multi)}"
+        else:
+            fewer = (f"{top.speedup:.1f}x fewer" if top.speedup >= 1 else f"{1 / top.speedup:.1f}x more")
+            text += (f", {fewer} steps than batch {top.baseline_batch:.0f} (perfect scaling: "
+                     f"{top.perfect_speedup:.0f}x fewer){rf.caption_label(sweep, multi)}: "
+                     + an.compare_batches(r, "steps_to_target", top.baseline_batch, top.global_batch_size,
+                                          unit="steps").phrase)
         perfect = ok.loc[ok["regime"] == "perfect scaling", "global_batch_size"]
         if len(perfect):
             text += f"; perfect scaling up to batch {perfect.max():.0f} (that segment: {_segment_noise(ok, perfect.max())})"
         fit = fits.get(sweep, {})
         if math.isfinite(fit.get("B_crit", math.nan)):
             text += (f"; fitted S_min = {rf.fmt(fit['S_min'])} steps, B_crit = {rf.fmt(fit['B_crit'])} "
-                     f"({_interval(fit)})")
+                     f"({_interval(fit)})" + "".join(f"; {c}" for c in caveats(fit)))
         else:
             text += f"; no B_crit: {fit.get('reason') or 'no fit'}"
         if fit.get("excluded"):
-            text += (f"; left out of the fit, resolved more coarsely than {MAX_RESOLUTION_FRACTION:.0%}: "
-                     + "; ".join(fit["excluded"]))
+            text += (f"; left out of the fit, resolved more coarsely than {MAX_RESOLUTION_FRACTION:.0%} of their mean "
+                     "steps-to-target: " + "; ".join(fit["excluded"]))
         noise = r["noise_scale_b_simple"].median()
         if math.isfinite(noise):
             text += f"; in-run gradient noise scale B_simple ≈ {rf.fmt(noise)}"
@@ -216,7 +226,7 @@ def _time_caption(runs: pd.DataFrame, ok: pd.DataFrame) -> str:
     (sweep, batch, workers), best = ranked[0], groups[ranked[0]]
     multi = runs["sweep"].nunique() > 1
     caption = (f"Fastest to target: batch {batch} on {workers} worker(s) in {best['time_to_target_s'].mean():.3g} s of "
-               f"training time (mean of {len(best)} run(s) that reached it){rf.sweep_label(sweep, multi)}")
+               f"training time (mean of {len(best)} run(s) that reached it){rf.caption_label(sweep, multi)}")
     if len(ranked) > 1:
         s2, b2, w2 = ranked[1]
         second = groups[ranked[1]]
@@ -225,5 +235,5 @@ def _time_caption(runs: pd.DataFrame, ok: pd.DataFrame) -> str:
         verdict = compare(Sample.of(best["time_to_target_s"]), Sample.of(second["time_to_target_s"]), unit="s",
                           resolution=max((w for w in widths if math.isfinite(w)), default=math.nan))
         caption += (f"; next, batch {b2} on {w2} worker(s) in {second['time_to_target_s'].mean():.3g} s"
-                    f"{rf.sweep_label(s2, multi)}: {verdict.phrase}")
+                    f"{rf.caption_label(s2, multi)}: {verdict.phrase}")
     return caption + ". Error bars run down to the evaluation before the crossing; hollow points: sustained crossing."

@@ -19,7 +19,7 @@ import pandas as pd
 
 from bench import analysis as an
 from bench import report_figures as rf
-from bench.fit import BOOTSTRAP_RESAMPLES, CONFIDENCE, MAX_RESOLUTION_FRACTION, NOISE_AGREEMENT
+from bench.fit import BOOTSTRAP_RESAMPLES, CONFIDENCE, MAX_RESOLUTION_FRACTION, NOISE_AGREEMENT, caveats
 from bench.report_text import esc
 
 
@@ -114,11 +114,12 @@ def critical_html(critical: dict[str, dict], fits: dict[str, dict]) -> str:
                      else f"no interval: {fit['interval_reason']}")
             if fit.get("interval_reason") and math.isfinite(lo):
                 text += f"; {fit['interval_reason']}"
+            text += "".join(f"; {c}" for c in caveats(fit))
         else:
             text = "no B_crit"
         if fit.get("excluded"):
             text += (f"; left out of the fit as resolved more coarsely than {MAX_RESOLUTION_FRACTION:.0%} of their "
-                     "value: " + "; ".join(fit["excluded"]))
+                     "mean steps-to-target: " + "; ".join(fit["excluded"]))
         if math.isfinite(c["B_simple"]):
             text += f"; in-run gradient noise scale B_simple = {rf.fmt(c['B_simple'])}"
         if c["agree"]:

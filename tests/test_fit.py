@@ -105,22 +105,35 @@ def _runs(rows):
     return pd.DataFrame([{"sweep": "s", "run_id": f"r{i}", "status": "success", **r} for i, r in enumerate(rows)])
 
 
-def test_fit_sweep_excludes_and_names_coarse_points():
-    # steps 100 (1 + 64 / B) at 16, 64, 1024: 500, 200, 106.25; batch 256 crossed at step 160
-    # (the curve says 125) with the evaluation before it 48 steps earlier (30 %): left out
+def test_fit_sweep_excludes_and_names_coarse_batches():
+    # steps 100 (1 + 64 / B) at 16, 64, 1024: 500, 200, 106.25; batch 256 crossed at steps 150 and
+    # 170 (the curve says 125) with the evaluations before them 48 steps earlier: 30 % of the mean
     rows = [{"global_batch_size": 16, "seed": 0, "steps_to_target": 500.0, "steps_to_target_resolution": 20.0},
             {"global_batch_size": 16, "seed": 1, "steps_to_target": 500.0, "steps_to_target_resolution": 20.0},
             {"global_batch_size": 64, "seed": 0, "steps_to_target": 200.0, "steps_to_target_resolution": 50.0},
-            {"global_batch_size": 256, "seed": 0, "steps_to_target": 160.0, "steps_to_target_resolution": 48.0},
+            {"global_batch_size": 256, "seed": 0, "steps_to_target": 150.0, "steps_to_target_resolution": 48.0},
+            {"global_batch_size": 256, "seed": 1, "steps_to_target": 170.0, "steps_to_target_resolution": 48.0},
             {"global_batch_size": 1024, "seed": 0, "steps_to_target": 106.25, "steps_to_target_resolution": 5.0},
             {"global_batch_size": 2048, "seed": 0, "steps_to_target": 50.0, "steps_to_target_resolution": 1.0,
              "status": "damaged"}]
     fit = bf.fit_sweep(_runs(rows))
-    assert fit["excluded"] == ["batch 256 seed 0: crossing at step 160, resolved to 48 steps (30%)"]
+    assert fit["excluded"] == ["batch 256: mean crossing at step 160, resolved to 48 steps (30%; 2 runs)"]
     assert fit["n_batches"] == 3 and fit["n_points"] == 4  # the damaged run is not a point either
     assert fit["B_crit"] == pytest.approx(64) and fit["S_min"] == pytest.approx(100)
+    assert (fit["batch_min"], fit["batch_max"]) == (16, 1024)
     # 25 % is the limit, not beyond it: 50 of 200 is kept
     assert not any("batch 64" in e for e in fit["excluded"])
+
+
+def test_a_late_seed_does_not_survive_alone():
+    """Per run, 300 steps resolved to 98 (33 %) would go and 392 resolved to 98 (25 %) would stay,
+    keeping only the slow seed; per batch (98 of the mean 343: 29 %) both go."""
+    rows = [{"global_batch_size": 512, "seed": s, "steps_to_target": v, "steps_to_target_resolution": 98.0}
+            for s, v in ((0, 392.0), (1, 294.0))]
+    rows += [{"global_batch_size": b, "seed": 0, "steps_to_target": v, "steps_to_target_resolution": 1.0}
+             for b, v in ((64, 200.0), (1024, 106.25))]
+    fit = bf.fit_sweep(_runs(rows))
+    assert len(fit["excluded"]) == 1 and fit["excluded"][0].startswith("batch 512:") and fit["n_points"] == 2
 
 
 def test_fit_sweep_says_when_exclusion_leaves_too_little():
@@ -128,4 +141,4 @@ def test_fit_sweep_says_when_exclusion_leaves_too_little():
             for b in (16, 64)]
     fit = bf.fit_sweep(_runs(rows))
     assert math.isnan(fit["B_crit"]) and len(fit["excluded"]) == 2
-    assert "after excluding 2 coarsely resolved point(s)" in fit["reason"]
+    assert "(after excluding 2 coarsely resolved batch size(s))" in fit["reason"]

@@ -206,7 +206,7 @@ def test_plan_figure(plan):
     fig = plan_figure(plan)
     ax = fig.axes[0]
     assert ax.get_xlabel() == "GPUs" and "0.9" in ax.get_ylabel()
-    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]  # beside the axes, hiding no data
     assert labels == ["batch 32", "batch 64", "batch 128", "batch 256", "batch 512", "cheapest"]
 
 

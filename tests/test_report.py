@@ -80,6 +80,7 @@ def test_escapes_names_and_reasons(tmp_path):
     assert "<b onmouseover" not in page and "&lt;b onmouseover=&quot;x&quot;&gt;$a$" in page
     assert EVIL not in page and page.count("<script") == 1
     assert "could not be drawn" not in page  # '$' in a name is not taken for maths by matplotlib
+    assert "\\$" not in page  # the escape that keeps it from maths is for figures, never for the page's text
 
 
 def test_nothing_reached_and_several_sweeps(tmp_path):
