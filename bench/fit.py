@@ -157,7 +157,10 @@ def _bootstrap(groups: list[np.ndarray], batches: np.ndarray, resamples: int, se
         out[f"{name}_lo"], out[f"{name}_hi"] = float(lo), float(hi)
         finite = values[np.isfinite(values)]
         out[f"{name}_err"] = float(finite.std(ddof=1)) if finite.size == values.size else math.nan
-    if not math.isfinite(out["B_crit_hi"]) or out["B_crit_lo"] == 0:
+    if out["B_crit_lo"] == out["B_crit_hi"]:
+        out["interval_reason"] = ("the runs within each batch size agree exactly, so resampling them shows no "
+                                  "spread: the interval has zero width and says nothing")
+    elif not math.isfinite(out["B_crit_hi"]) or out["B_crit_lo"] == 0:
         out["interval_reason"] = (f"{np.mean(~np.isfinite(s_min)):.0%} of the resamples have no plateau "
                                   "in the measured range: the interval is open")
     return out

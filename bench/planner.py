@@ -277,6 +277,7 @@ def _assumptions(tp: _Throughput, fit: dict, fit_ok: bool, mem, gpu_memory_gib) 
     if fit_ok:
         lo, hi = fit.get("B_crit_lo", math.nan), fit.get("B_crit_hi", math.nan)
         interval = (f", 95 % bootstrap interval of B_crit {lo:.4g} to {hi:.4g}" if math.isfinite(lo) and math.isfinite(hi)
+                    and lo != hi
                     else f" (no interval: {fit.get('interval_reason') or 'unknown'})")
         out.append(f"steps(B) = {fit['S_min']:.4g} (1 + {fit['B_crit']:.4g} / B) fitted over {fit['n_batches']} "
                    f"batches (bench.fit: per-batch means, log least squares){interval}"

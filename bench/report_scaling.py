@@ -81,7 +81,7 @@ def _plot_fit(ax, runs: pd.DataFrame, speed: pd.DataFrame, fits: dict, style: rf
 
 def _interval(fit: dict, *, short: bool = False) -> str:
     lo, hi = fit.get("B_crit_lo", math.nan), fit.get("B_crit_hi", math.nan)
-    if not math.isfinite(lo) and not math.isfinite(hi):
+    if (not math.isfinite(lo) and not math.isfinite(hi)) or lo == hi:
         return "(no interval)" if short else f"no interval: {fit.get('interval_reason') or 'unknown'}"
     top = rf.fmt(hi) if math.isfinite(hi) else "open"
     if short:

@@ -108,6 +108,7 @@ def critical_html(critical: dict[str, dict], fits: dict[str, dict]) -> str:
             text = (f"B_crit from the steps-to-target fit = {rf.fmt(c['B_crit'])}, S_min = {rf.fmt(fit['S_min'])} steps "
                     f"({fit['n_batches']} batch sizes, {fit['n_points']} runs); ")
             lo, hi = fit["B_crit_lo"], fit["B_crit_hi"]
+            lo = math.nan if lo == hi else lo  # a zero-width interval says nothing: give the reason instead
             text += (f"{CONFIDENCE:.0%} bootstrap interval {rf.fmt(lo)} to {rf.fmt(hi) if math.isfinite(hi) else 'open'}"
                      f" ({fit['resamples']:,} resamples of the runs within each batch size; {fit['n_batches_with_spread']}"
                      f" of {fit['n_batches']} batch sizes have two or more seeds)" if math.isfinite(lo)

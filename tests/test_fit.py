@@ -142,3 +142,10 @@ def test_fit_sweep_says_when_exclusion_leaves_too_little():
     fit = bf.fit_sweep(_runs(rows))
     assert math.isnan(fit["B_crit"]) and len(fit["excluded"]) == 2
     assert "(after excluding 2 coarsely resolved batch size(s))" in fit["reason"]
+
+
+def test_seeds_that_agree_exactly_give_no_interval_to_speak_of():
+    """Epoch-level evaluation often puts two seeds on the same step: resampling them shows no
+    spread, and the zero-width interval is said to say nothing."""
+    fit = bf.fit_steps_curve([4, 4, 16, 64], [1700, 1700, 500, 200])
+    assert fit["B_crit_lo"] == fit["B_crit_hi"] and "agree exactly" in fit["interval_reason"]
