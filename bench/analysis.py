@@ -38,8 +38,8 @@ RUN_COLUMNS = [
 ]
 # --all-columns: after RUN_COLUMNS, these first (first and sustained crossings side by side)
 LEAD_COLUMNS = [*crossing.columns(), "target_hold_evals", "target_accuracy", "failure_reason", "failure_lr",
-                "failure_peak_lr", "failure_in_warmup", "train_peak_allocated_gib", "train_peak_reserved_gib",
-                "memory_source", "nvml_peak_gib", "nvml_baseline_gib", "nvml_peak_above_baseline_gib",
+                "failure_peak_lr", "failure_in_warmup", "failure_before_peak", "train_peak_allocated_gib",
+                "train_peak_reserved_gib", "memory_source", "nvml_peak_gib", "nvml_baseline_gib", "nvml_peak_above_baseline_gib",
                 "hardware_warnings"]
 GROUP_KEYS = ("sweep", "global_batch_size", "num_workers")
 LAST_FRACTION = 0.2  # test_acc_std_last_k: evaluations in the last 20 % of the epochs run
@@ -168,7 +168,8 @@ def run_row(record: RunRecord, target_accuracy: float | None = None) -> dict[str
            "micro_batch_size": plan.get("micro_batch_size"), "model": plan.get("model"),
            "target_accuracy": target, "target_hold_evals": hold, "failure_reason": describe_failure(record),
            "failure_lr": at.get("lr", math.nan), "failure_peak_lr": at.get("peak_lr", math.nan),
-           "failure_in_warmup": at.get("in_warmup"), **memory_figures(record),
+           "failure_in_warmup": at.get("in_warmup"), "failure_before_peak": at.get("before_peak"),
+           **memory_figures(record),
            "hardware_warnings": "; ".join(hardware_mismatches(record)) or None,
            "noise_scale_b_simple": _noise_scale(record), "num_evals": len(evals),
            "steps_per_epoch": plan.get("steps_per_epoch"), "cluster": (record.cluster or {}).get("name")}

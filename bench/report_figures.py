@@ -274,7 +274,7 @@ def _lr_caption(lr: pd.DataFrame, runs: pd.DataFrame) -> str:
     text = (f"Planned peak LR goes from {fmt(p0)} at batch {b0} to {fmt(p1)} at batch {b1} "
             f"({p1 / p0:.3g}x for a {b1 / b0:.3g}x larger batch)")
     top = runs[runs["global_batch_size"] == b1]
-    warm = top[top["failure_in_warmup"].eq(True)] if "failure_in_warmup" in top else top.iloc[:0]
+    warm = top[top["failure_before_peak"].eq(True)] if "failure_before_peak" in top else top.iloc[:0]
     applied = lr[lr["global_batch_size"] == b1]
     if len(warm) == len(top) and len(top):
         text += (f"; batch {b1} diverged during warmup at LR {fmt(warm['failure_lr'].max())}, before reaching it, "

@@ -142,7 +142,7 @@ def _failed_batches(g: pd.DataFrame, batches: list[int]) -> list[str]:
     for b in batches:
         runs = g[g["global_batch_size"] == b]
         if (runs["status"] == "diverged").all():
-            warm = runs["failure_in_warmup"].eq(True).all() if "failure_in_warmup" in runs else False
+            warm = runs["failure_before_peak"].eq(True).all() if "failure_before_peak" in runs else False
             out.append(f"batch {b} diverged during warmup, before its peak LR, so it says nothing about the peak "
                        "LR the scaling rule chose" if warm else f"batch {b} diverged (see the failures table)")
         else:

@@ -117,7 +117,7 @@ def critical_html(critical: dict[str, dict], fits: dict[str, dict]) -> str:
                 text += f"; {fit['interval_reason']}"
             text += "".join(f"; {c}" for c in caveats(fit))
         else:
-            text = "no B_crit"
+            text = f"no B_crit: {fit.get('reason') or 'no fit'}"
         if fit.get("excluded"):
             text += (f"; left out of the fit as resolved more coarsely than {MAX_RESOLUTION_FRACTION:.0%} of their "
                      "mean steps-to-target: " + "; ".join(fit["excluded"]))

@@ -46,30 +46,41 @@ def _num(value: Any) -> float:
 
 
 def failure_lr(record: Any) -> dict[str, Any]:
-    """For a diverged run: lr (LR in force when it failed), peak_lr, in_warmup and from_plan
-    (True: derived from the plan because the summary is v1). Empty dict for other runs."""
+    """For a diverged run: lr (LR in force when it failed), peak_lr, in_warmup (within the warmup
+    steps), before_peak (in warmup *and* below the peak: the peak LR was never applied) and
+    from_plan (True: derived from the plan because the summary is v1). Empty dict otherwise."""
     summary = record.summary
     if summary is None or summary.status != "diverged" or summary.failure is None:
         return {}
     f = summary.failure
     if f.lr is not None:
-        return {"lr": f.lr, "peak_lr": f.peak_lr if f.peak_lr is not None else summary.peak_lr,
-                "in_warmup": f.in_warmup, "from_plan": False}
-    try:
-        plan = RunPlan.from_dict(record.plan)
-    except (TypeError, ValueError):
-        return {"lr": math.nan, "peak_lr": summary.peak_lr, "in_warmup": None, "from_plan": True}
-    last_step = max(f.step - 1, 0)
-    return {"lr": plan.lr(last_step), "peak_lr": plan.peak_lr, "in_warmup": last_step < plan.warmup_steps,
-            "from_plan": True}
+        at = {"lr": f.lr, "peak_lr": f.peak_lr if f.peak_lr is not None else summary.peak_lr,
+              "in_warmup": f.in_warmup, "from_plan": False}
+    else:
+        try:
+            plan = RunPlan.from_dict(record.plan)
+        except (TypeError, ValueError):
+            return {"lr": math.nan, "peak_lr": summary.peak_lr, "in_warmup": None, "before_peak": None,
+                    "from_plan": True}
+        last_step = max(f.step - 1, 0)
+        at = {"lr": plan.lr(last_step), "peak_lr": plan.peak_lr, "in_warmup": last_step < plan.warmup_steps,
+              "from_plan": True}
+    # A warmup that starts at the peak (a batch at or below the reference batch) is at its peak
+    # from step 0: such a run did test the peak LR, in warmup or not.
+    at["before_peak"] = bool(at["in_warmup"]) and not _at_peak(at["lr"], at["peak_lr"])
+    return at
+
+
+def _at_peak(lr: float, peak: float) -> bool:
+    return math.isfinite(lr) and math.isfinite(peak) and math.isclose(lr, peak, rel_tol=1e-6)
 
 
 def _lr_phrase(at: dict[str, Any]) -> str:
     lr, peak = at.get("lr", math.nan), at.get("peak_lr", math.nan)
-    if at.get("in_warmup"):
+    if at.get("before_peak"):
         return f"diverged during warmup at LR {lr:.3g} (peak {peak:.3g} not reached)"
-    if math.isfinite(lr) and math.isfinite(peak) and math.isclose(lr, peak, rel_tol=1e-6):
-        return f"diverged at peak LR {peak:.3g}"
+    if _at_peak(lr, peak):
+        return f"diverged at peak LR {peak:.3g}" + (" (its warmup starts at the peak)" if at.get("in_warmup") else "")
     if math.isfinite(lr):
         return f"diverged after warmup at LR {lr:.3g} (peak {peak:.3g})"
     return "diverged (LR unknown: the plan could not be read)"

@@ -69,6 +69,16 @@ def test_v2_divergence_wording(failure, expected):
     assert describe_failure(record) == expected
 
 
+def test_a_warmup_that_starts_at_the_peak_is_at_the_peak():
+    """At the reference batch the linear rule's warmup runs from the reference LR to the same peak:
+    a divergence there, within the warmup steps, did apply the peak LR (seen on a real v2 run)."""
+    failure = {"reason": "x", "step": 11, "epoch_num": 1, "criterion": "smoothed_loss", "lr": 0.05,
+               "peak_lr": 0.05, "in_warmup": True, "loss": 5.769, "limit": 5.545}
+    record = _record(_summary(schema_version=2, status="diverged", failure=failure))
+    assert failure_lr(record)["before_peak"] is False
+    assert describe_failure(record).startswith("diverged at peak LR 0.05 (its warmup starts at the peak): ")
+
+
 def test_other_failures():
     oom = {"reason": "CUDA out of memory", "step": 0, "epoch_num": 1, "micro_batch_size": 512,
            "memory_reserved_gib": 79.5}
