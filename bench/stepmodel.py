@@ -8,9 +8,10 @@ W0 (1 where measured: no all-reduce at all); the all-reduce from ``bench.interco
 the all-reduce DDP hides behind the backward pass, with phi fitted to measured multi-worker runs.
 
 Owns: ``StepPoint`` (one measured (b, W, seconds per step)), ``step_time_from_events`` (a run's
-seconds per optimizer step from its log), ``ComputeCurve``, ``fit_overlap``, ``fit_step_model``
--> ``StepModel`` and its ``predict`` -> ``StepPrediction`` (with the assumptions it used, one
-line each, for a planner row's note).
+seconds per optimizer step from its log), ``points_from_records``, ``ComputeCurve``,
+``fit_overlap``, ``fit_step_model`` -> ``StepModel`` and its ``predict`` -> ``StepPrediction``
+(with the assumptions it used, one line each, for a planner row's note), and
+``model_from_records``: the one call the planner and the report make.
 
 Must not import: torch, ray, pandas; from bench only comm, interconnect, events.
 """
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from bench import events as ev
-from bench.comm import ddp_bucket_sizes
-from bench.interconnect import Links
+from bench.comm import Link, ddp_bucket_sizes
+from bench.interconnect import Links, links_for
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,18 @@ def step_time_from_events(events: Iterable[dict[str, Any]]) -> tuple[float, int]
     timed = epochs[1:] or epochs
     steps, seconds = sum(n for n, _ in timed), sum(s for _, s in timed)
     return (seconds / steps, steps) if steps > 0 and seconds > 0 else None
+
+
+def points_from_records(records: Iterable[Any]) -> list[StepPoint]:
+    """One point per (per-worker batch, workers): the mean over its successful runs (seeds) of
+    their seconds per step. ``records`` are ``bench.store.RunRecord`` values."""
+    times: dict[tuple[float, int], list[float]] = {}
+    for r in records:
+        measured = step_time_from_events(r.events) if r.status == "success" else None
+        if measured is not None:
+            key = (float(r.plan["per_worker_batch_size"]), int(r.plan["num_workers"]))
+            times.setdefault(key, []).append(measured[0])
+    return [StepPoint(b, w, sum(ts) / len(ts)) for (b, w), ts in sorted(times.items())]
 
 
 class ComputeCurve:
@@ -212,3 +225,20 @@ def fit_step_model(points: Sequence[StepPoint], *, gradient_bytes: int, links: L
             compute = ComputeCurve([(b, t - allreduce_s) for b, t in base], w0)
             notes.append(f"no 1-worker run: compute = {w0}-worker step - modelled all-reduce (no overlap assumed)")
     return StepModel(compute, int(gradient_bytes), links, overlap, calls, tuple(notes))
+
+
+def model_from_records(records: Sequence[Any], *, gradient_bytes: int, bucket_bytes: Sequence[float] | None = None,
+                       measured: Link | None = None) -> StepModel:
+    """The step model for a sweep's stored runs: their step times (``points_from_records``),
+    the links from ``measured`` (``bench.comm.AllreduceResult.link`` of an all-reduce file taken
+    on the same system) and from the cluster file's ``hardware.interconnect`` and
+    ``gpus_per_node`` (when every run's cluster file agrees; else unknown, and said)."""
+    hardware = [((r.cluster or {}).get("hardware") or {}) for r in records]
+    text = {h.get("interconnect") for h in hardware}
+    per_node = {h.get("gpus_per_node") or None for h in hardware}
+    notes = [] if len(text) <= 1 and len(per_node) <= 1 else ["the runs' cluster files disagree on the hardware"]
+    links = links_for(measured=measured, interconnect=text.pop() if len(text) == 1 else None,
+                      workers_per_node=per_node.pop() if len(per_node) == 1 else None)
+    links = Links(links.intra, links.inter, links.workers_per_node, (*notes, *links.assumptions))
+    return fit_step_model(points_from_records(records), gradient_bytes=gradient_bytes, links=links,
+                          bucket_bytes=bucket_bytes)

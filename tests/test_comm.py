@@ -289,3 +289,66 @@ def test_allreduce_benchmark_with_two_gloo_processes(tmp_path):
     assert all(math.isclose(r.algbw_gb_s, r.size_bytes / r.time_us / 1e3, rel_tol=1e-9) for r in result.rows)
     assert result.machine["hostname"] and result.device == "cpu" and result.threads_per_worker == 1
     assert "Avg bus bandwidth" in proc.stdout and proc.stdout.count(" sum ") == len(sizes)
+
+
+# --- the validation script --------------------------------------------------------------------
+
+
+def test_validation_predicts_a_known_overlap_leave_one_out():
+    from bench.perf.validate_comm import compare
+
+    param_bytes = [GRAD // 4] * 4  # four 10 MB parameters
+    links = Links(LINK, None, None)
+    points = [StepPoint(b, 1, _compute(b)) for b in (4, 8, 16, 32, 64)]
+    for b in (4, 8, 16, 32):
+        ar = links.allreduce_s(GRAD, 2, comm.ddp_bucket_sizes(param_bytes))
+        points.append(StepPoint(b, 2, _compute(b) + ar - 0.3 * min(ar, _compute(b))))
+    rows = compare(points, param_bytes, links, tolerance=0.2)
+    assert [r["global_batch_size"] for r in rows] == [8, 16, 32, 64]
+    for r in rows:  # phi from the three other runs is the 0.3 they were made with
+        assert r["overlap_fraction"] == pytest.approx(0.3)
+        assert r["model_ratio"] == pytest.approx(1.0) and r["within_tolerance"]
+        assert r["no_overlap_ratio"] > 1.0  # nothing hidden: slower than measured
+        assert r["allreduce_ms"] == pytest.approx(1e3 * links.allreduce_s(GRAD, 2, comm.ddp_bucket_sizes(param_bytes)))
+
+
+def test_validation_end_to_end_on_stored_runs(tmp_path, capsys):
+    from fixtures_results import make_plan, write_sweep
+
+    from bench import store
+    from bench.perf.validate_comm import gradient_buckets, main, measured_points
+
+    sweep = write_sweep(tmp_path / "results", "pairs", batches=(8, 16, 32), seeds=(0,), workers=(1, 2), epochs=4)
+    points, config = measured_points(store.load_results([sweep]))
+    for p in points:  # the fixture's epochs take 0.02 (1 + 16 / B) / sqrt(W) s
+        b = int(p.per_worker_batch_size * p.num_workers)
+        spe = make_plan("pairs", b, num_workers=p.num_workers).steps_per_epoch
+        assert p.step_s == pytest.approx(0.02 * (1 + 16 / b) / p.num_workers ** 0.5 / spe)
+    assert gradient_buckets(config) == [400, 200, 600, 12]  # blobs MLP 2 -> 50 -> 3, fp32
+    allreduce = tmp_path / "allreduce-gloo-w2.json"
+    allreduce.write_text(_result(2, LINK).model_dump_json())
+    code = main([str(sweep), "--allreduce", str(allreduce), "--format", "markdown", "--json", str(tmp_path / "v.json")])
+    out = capsys.readouterr().out
+    assert code in (0, 1) and "| B | b/worker | W |" in out and "model predictions within 20 %" in out
+    assert len(json.loads((tmp_path / "v.json").read_text())["rows"]) == 2  # B 16 and 32 have a 1-worker twin
+    assert main([str(sweep), "--allreduce", str(tmp_path / "missing.json")]) == 2
+
+
+def test_model_from_records_reads_the_cluster_files_hardware(tmp_path):
+    from fixtures_results import write_sweep
+
+    from bench import store
+    from bench.stepmodel import model_from_records
+
+    hardware = {"interconnect": "NVLink 4 within a node; 8x InfiniBand NDR between nodes", "gpus_per_node": 8}
+    sweep = write_sweep(tmp_path, "hw", batches=(8, 16), seeds=(0, 1), workers=(1,), epochs=3,
+                        cluster={"name": "h100", "hardware": hardware})
+    records = store.load_results([sweep])
+    model = model_from_records(records, gradient_bytes=GRAD)
+    assert model.compute.num_workers == 1 and model.compute.batches == [8.0, 16.0]
+    assert model.links.intra.beta_bytes_per_s == 450 * GB and model.links.inter.beta_bytes_per_s == 400 * GB
+    assert model.links.workers_per_node == 8
+    p = model.predict(8, 32)
+    assert p.num_nodes == 4 and "NVLink 4" in p.note() and "8x InfiniBand NDR" in p.note()
+    measured = Link("measured", 1e-6, 100 * GB, "file")
+    assert model_from_records(records, gradient_bytes=GRAD, measured=measured).links.intra is measured
