@@ -240,15 +240,21 @@ class AllreduceResult(BaseModel):
 
     def link(self, source: str) -> Link:
         """The measured link: alpha from the ring fit; the bandwidth per message size measured
-        where it carries at least half the time (bus factor x size / (time - latency)), so that
-        the model gives back the measured time at every such size and scales it in n as a ring."""
+        (bus factor x size / (time - latency)) where bandwidth is at least half the time, in the
+        fit and in the measurement (one noisy small size does not count), so that the model
+        gives back the measured time at every such size and scales it in n as a ring."""
         fit = self.ring_fit()
+        factor = bus_factor(self.num_workers)
         latency_s = 2 * (self.num_workers - 1) * fit.alpha_s
-        curve = tuple((float(r.size_bytes), bus_factor(self.num_workers) * r.size_bytes / (t - latency_s))
-                      for r in sorted(self.rows, key=lambda r: r.size_bytes) if r.num_wrong == 0
-                      for t in [r.time_us * 1e-6] if t - latency_s >= 0.5 * t)
+        curve: list[tuple[float, float]] = []
+        for r in sorted(self.rows, key=lambda r: r.size_bytes):
+            t = r.time_us * 1e-6
+            bandwidth_bound = factor * r.size_bytes / fit.beta_bytes_per_s >= latency_s and t - latency_s >= 0.5 * t
+            if r.num_wrong == 0 and bandwidth_bound:
+                curve.append((float(r.size_bytes), factor * r.size_bytes / (t - latency_s)))
         where = f"{self.num_nodes} nodes" if self.num_nodes > 1 else "one node"
         measured = (f"; bandwidth as measured at {len(curve)} sizes {curve[0][0]:.0f}-{curve[-1][0]:.0f} B "
                     f"({min(b for _, b in curve) / GB:.3g}-{max(b for _, b in curve) / GB:.3g} GB/s)") if curve else ""
         base = fit.link(f"measured {self.backend}, {self.num_workers} ranks on {self.device}, {where}", source)
-        return Link(base.name, base.alpha_s, base.beta_bytes_per_s, base.source + measured, bandwidth_curve=curve)
+        return Link(base.name, base.alpha_s, base.beta_bytes_per_s, base.source + measured,
+                    bandwidth_curve=tuple(curve))

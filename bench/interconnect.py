@@ -111,7 +111,8 @@ def _link(entry: NominalLink, part: str, start: int, scope: str) -> tuple[Link |
                 "hardware.interconnect for one per GPU)" if scope == "inter" and ports == 1 else None)
     name = f"{ports}x {entry.label}" if ports > 1 else entry.label
     kind = "per node" if scope == "inter" else "per GPU"
-    return Link(f"{name} ({beta / GB:.4g} GB/s {kind})", alpha_s, beta, source, base_s=base_s), note
+    how = "as stated" if stated else "nominal"
+    return Link(f"{name} ({how} {beta / GB:.4g} GB/s {kind})", alpha_s, beta, source, base_s=base_s), note
 
 
 def parse_interconnect(text: str | None) -> ParsedInterconnect:
@@ -192,6 +193,9 @@ def links_for(*, measured: Link | None = None, interconnect: str | None = None,
     intra = measured or parsed.intra
     if measured is not None and parsed.intra is not None:
         notes.append(f"within a node the measured link is used, not the nominal {parsed.intra.name}")
-    if workers_per_node is None:
+    if not workers_per_node:
         notes.append("workers per node unknown: every worker count is taken to fit on one node")
+    for where, link in (("within a node", intra), ("between nodes", parsed.inter)):
+        if link is not None:
+            notes.append(f"link {where}: {link.name}, from {link.source}")
     return Links(intra, parsed.inter, workers_per_node or None, tuple(notes))

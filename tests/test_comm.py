@@ -352,3 +352,15 @@ def test_model_from_records_reads_the_cluster_files_hardware(tmp_path):
     assert p.num_nodes == 4 and "NVLink 4" in p.note() and "8x InfiniBand NDR" in p.note()
     measured = Link("measured", 1e-6, 100 * GB, "file")
     assert model_from_records(records, gradient_bytes=GRAD, measured=measured).links.intra is measured
+
+
+def test_the_packaged_cluster_files_interconnect_is_understood():
+    from pathlib import Path
+
+    from bench.config import load_cluster
+
+    cluster, _ = load_cluster(Path(__file__).parent.parent / "clusters" / "aws-h100.yaml")
+    parsed = parse_interconnect(cluster.hardware.interconnect)
+    assert (parsed.intra.beta_bytes_per_s, parsed.inter.beta_bytes_per_s) == (450 * GB, 400 * GB)
+    links = links_for(interconnect=cluster.hardware.interconnect, workers_per_node=cluster.hardware.gpus_per_node)
+    assert links.num_nodes(16) == 16 // cluster.hardware.gpus_per_node
