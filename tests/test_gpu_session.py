@@ -150,6 +150,10 @@ def test_headlines_read_what_the_scripts_write(tmp_path: Path) -> None:
     assert by_name["throughput-resnet18"].headline(tmp_path) == \
         "2 batch sizes, 32..64; best 1,900 samples/s at 64, 2.0 TFLOP/s"
     assert "predicted 493 (within one bisection step: True)" in by_name["probe-resnet50-224"].headline(tmp_path)
+    (h / "allreduce-nccl-w2.json").write_text(json.dumps({"num_workers": 2, "device": "2 x H100", "rows": [
+        {"size_bytes": 4, "busbw_gb_s": 0.0, "num_wrong": 0}, {"size_bytes": 256 * 2**20, "busbw_gb_s": 361.5,
+                                                               "num_wrong": 0}]}))
+    assert by_name["allreduce-nccl"].headline(tmp_path) == "2 ranks on 2 x H100: busbw 361.5 GB/s at 256 MiB, 0 wrong values"
 
 
 def test_cli_lists_the_plan_and_refuses_unknown_steps(capsys) -> None:
@@ -157,7 +161,8 @@ def test_cli_lists_the_plan_and_refuses_unknown_steps(capsys) -> None:
     assert "overhead-resnet18" in capsys.readouterr().out
     assert gs.main(["--list", "--tag", "h200"]) == 0
     listed = capsys.readouterr().out
-    assert "pytest-gpu" in listed and "all-reduce over NCCL: needs two or more GPUs" in listed
+    assert "pytest-gpu" in listed and "LR search: not built yet" in listed
+    assert "needs 2 GPUs, this machine has 0" in listed  # allreduce-nccl, on this GPU-less machine
     assert gs.main(["--only", "nope"]) == 2
     assert "unknown step(s) nope" in capsys.readouterr().err
     assert gs.main(["--budget-s", "0"]) == 2
@@ -200,12 +205,16 @@ def test_steps_not_built_are_skipped_with_a_message_and_do_not_fail_the_call(tmp
             session.Step("sweep-new", _py("print('never')"), creates=("results/new/x",), needs="probe-new"),
             session.Step("runs", _py("import pathlib; pathlib.Path('r.json').write_text('1')"), creates=("r.json",),
                          estimate_s=1)]
-    out = session.run_session(plan, tmp_path, budget_s=60)
-    assert [o.status for o in out] == ["not built: no bench/sweeps/new.yaml", "not built: needs probe-new", "ok"]
+    plan.append(session.Step("nccl", _py("print('never')"), creates=("n.json",), min_gpus=2))
+    out = session.run_session(plan, tmp_path, budget_s=60, gpus=["NVIDIA H200"])
+    assert [o.status for o in out] == ["skipped: not built (no bench/sweeps/new.yaml)",
+                                       "skipped: needs probe-new, which cannot run here", "ok",
+                                       "skipped: needs 2 GPUs, this machine has 1"]
     assert session.unfinished(out) == []  # the call did all it could: exit 0
     (tmp_path / "bench" / "sweeps").mkdir(parents=True)
     (tmp_path / "bench" / "sweeps" / "new.yaml").write_text("")
-    assert session.blocked(plan[1], tmp_path, {s.name: s for s in plan}) is None
+    by_name = {s.name: s for s in plan}
+    assert session.blocked(plan[1], tmp_path, by_name, 1) is None and session.blocked(plan[3], tmp_path, by_name, 2) is None
 
 
 def test_the_packaged_sweeps_the_plan_waits_for(capsys) -> None:

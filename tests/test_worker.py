@@ -232,3 +232,19 @@ def test_noise_probe_under_ddp_leaves_training_unchanged(tmp_path: Path):
     assert [e["metadata"]["step"] for e in gns] == list(range(0, 40, 5))
     assert {(e["metadata"]["b_small"], e["metadata"]["b_big"]) for e in gns} == {(25, 50)}
     assert all(e["metadata"]["grad_sq_small"] > e["metadata"]["grad_sq_big"] > 0 for e in gns)
+
+
+def test_a_step_evaluated_run_reads_back_whole(tmp_path: Path):
+    """What the driver stores (the whole config dumped) validates again when read: a run with
+    eval_every_steps is not taken for damaged. Paths may come with '..' in the root."""
+    from bench.store import load_results
+
+    sweep = sweep_of(eval_every_steps=5, epochs=1)
+    plan = plan_sweep(sweep)[0]
+    run_dir = SweepDir(tmp_path / "r" / sweep.name).run(plan.run_id)
+    run_dir.prepare(config=sweep.model_dump(mode="json"), cluster={"name": "local"}, run_plan=plan.to_dict(),
+                    env={})
+    execute_run(plan, sweep, run_dir, WorkerContext())
+    (tmp_path / "sub").mkdir()
+    record, = load_results([tmp_path / "sub" / ".." / "r" / sweep.name])
+    assert record.damage is None and record.status == "success"

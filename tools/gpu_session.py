@@ -14,7 +14,8 @@ sweep runs at most its ``cap_s`` per call so the steps after it get their turn, 
 call, with the archive unpacked into the repo, resumes. Estimates are seconds on one Hopper GPU:
 from the 2026-11-30 H200 lease's log (results/h200/session-log.jsonl), scaled by the longer
 blocks and more rounds asked for here; the throughput tables and the GPU tests are guesses.
-A sweep that is not packaged yet is listed as "not built" and skipped with that message.
+A step that cannot run here (a sweep not packaged yet, NCCL on a machine with one GPU) is listed
+and skipped with the reason ("skipped: ..."); the call still exits 0 when all else is done.
 
 Must not import: torch or ray (each step runs in its own process; this one only waits).
 """
@@ -31,18 +32,16 @@ from typing import Callable, Optional
 if __package__ in (None, ""):  # run as a script (python tools/gpu_session.py): bench from this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.session import (MIN_RESUMABLE_S, Step, blocked, device_name, is_done, run_session, summary_table,
-                           sweep_progress, unfinished, write_archive)
+from tools.session import (MIN_RESUMABLE_S, Step, blocked, device_name, gpu_names, is_done, run_session,
+                           summary_table, sweep_progress, unfinished, write_archive)
 
 REPO = Path(__file__).resolve().parent.parent
 LOG_TEMPLATE = "results/{tag}/session-log.jsonl"
 _ONE_GPU = "clusters/single-node-multi-gpu.yaml"  # one worker per GPU
 _SHARED_GPU = "clusters/one-gpu-two-workers.yaml"  # two gloo workers sharing one GPU
 
-# Owed, but no step can run it on a lease as lent (one GPU) or in this checkout yet.
+# Owed, but no step can run it in this checkout yet.
 NOT_PLANNED = (
-    ("all-reduce over NCCL", "needs two or more GPUs; a lease lends one (bench/perf/allreduce.py, when built, "
-                             "runs gloo on a CPU)"),
     ("LR search", "not built yet: no command to run"),
     ("concurrent runs across the cluster", "not built yet: no command to run"),
 )
@@ -90,6 +89,15 @@ def _probe(rel: str) -> Callable[[Path], str]:
         return (f"largest micro-batch {d['largest_fit']} on {d.get('device')}"
                 + (f"; doubling fit predicted {check['predicted']} (within one bisection step: "
                    f"{check['within']})" if check else ""))
+    return line
+
+
+def _allreduce(rel: str) -> Callable[[Path], str]:
+    def line(root: Path) -> str:
+        d = _json(root, rel)
+        big = max(d["rows"], key=lambda r: r["size_bytes"])
+        return (f"{d['num_workers']} ranks on {d.get('device')}: busbw {big['busbw_gb_s']:.1f} GB/s at "
+                f"{big['size_bytes'] / 2**20:.0f} MiB, {sum(r['num_wrong'] for r in d['rows'])} wrong values")
     return line
 
 
@@ -172,7 +180,7 @@ def _sweep(sweep: str, cluster: str, cap_s: int, needs: Optional[str] = None, bu
 def build_plan(tag: str) -> tuple[Step, ...]:
     """Issue 18's owed list in its order, single-file measurements under ``results/<tag>/``
     (tag: the GPU model, e.g. h200). Steps marked ``built=False`` wait for a sweep another
-    change packages; they are skipped with "not built" until its file exists."""
+    change packages; they are skipped as not built until its file exists."""
     d = f"results/{tag}"
     return (
         # (1) the harder GPU sweep (3 seeds, 128..8192, eval_every_steps resolution, per-run memory),
@@ -208,7 +216,11 @@ def build_plan(tag: str) -> tuple[Step, ...]:
               "--pairs", "9", "--steps", "400", estimate_s=450, headline=lambda out: _ratio(out, ">= 0.98")),
         _perf("overhead-resnet50", "overhead", f"{d}/overhead-r50-9pairs.json", "--preset", "resnet50-224-256",
               "--pairs", "9", estimate_s=430, headline=lambda out: _ratio(out, ">= 0.98")),
-        # (7) when built: the language-model sweep (LR search, concurrent runs, NCCL: NOT_PLANNED)
+        # (7) NCCL between GPUs (a lease of one GPU cannot), and when built the language-model sweep
+        # (the LR search and concurrent runs: NOT_PLANNED)
+        Step("allreduce-nccl", ("-m", "bench.perf", "allreduce", "--backend", "nccl", "--num-workers", "2",
+                                "--system", tag), creates=(f"{d}/allreduce-nccl-w2.json",), estimate_s=60, min_gpus=2,
+             headline=_allreduce(f"{d}/allreduce-nccl-w2.json")),
         _probe_step("probe-lm-gpu", "lm-gpu", None, 60, built=False),
         _sweep("lm-gpu", _ONE_GPU, cap_s=300, needs="probe-lm-gpu", built=False),
     )
@@ -226,13 +238,13 @@ def device_tag(name: str) -> str:
 
 # --- command line --------------------------------------------------------------------------------
 
-def list_plan(plan: list[Step], full: tuple[Step, ...], root: Path) -> str:
+def list_plan(plan: list[Step], full: tuple[Step, ...], root: Path, num_gpus: int) -> str:
     by_name = {s.name: s for s in full}
     lines = []
     for s in plan:
-        state = blocked(s, root, by_name) or ("done" if is_done(s, root) else "to do")
+        state = blocked(s, root, by_name, num_gpus) or ("done" if is_done(s, root) else "to do")
         budget = f"cap {s.cap_s:.0f} s" if s.cap_s else f"~{s.estimate_s} s"
-        lines.append(f"{s.name:24} {state:48} {budget:>9}  {' '.join(s.argv)}")
+        lines.append(f"{s.name:24} {state:50} {budget:>9}  {' '.join(s.argv)}")
     lines += [f"{'(not planned)':24} {what}: {why}" for what, why in NOT_PLANNED]
     return "\n".join(lines)
 
@@ -262,16 +274,18 @@ def main(argv: Optional[list[str]] = None, root: Path = REPO) -> int:
     if args.budget_s <= 0:
         print("error: --budget-s must be positive", file=sys.stderr)
         return 2
-    tag = args.tag or device_tag(device_name())
+    gpus = gpu_names()
+    tag = args.tag or device_tag(device_name(gpus))
     full = build_plan(tag)
     plan = [s for s in full if not args.only or s.name in args.only]
     log_rel = LOG_TEMPLATE.format(tag=tag)
     if args.list:
-        print(list_plan(plan, full, root))
+        print(list_plan(plan, full, root, len(gpus)))
         return 0
     print(f"gpu session: {len(plan)} steps, {args.budget_s:.0f} s, results/{tag}/ (resumable sweeps need "
           f"{MIN_RESUMABLE_S} s)", flush=True)
-    outcomes = run_session(plan, root, budget_s=args.budget_s, force=args.force, log_rel=log_rel, all_steps=full)
+    outcomes = run_session(plan, root, budget_s=args.budget_s, force=args.force, log_rel=log_rel, all_steps=full,
+                           gpus=gpus)
     if args.archive is not None:
         kept = write_archive(plan, root, args.archive, log_rel)
         print(f"archive {args.archive}: {', '.join(kept) or 'nothing yet'}")

@@ -49,12 +49,13 @@ class Step:
     needs: Optional[str] = None  # a step that must be done first
     cap_s: Optional[float] = None  # at most this long in one call (a resumable sweep), then the next step
     requires: tuple[str, ...] = ()  # repo-relative files without which the step is not built yet
+    min_gpus: int = 0  # a machine with fewer GPUs cannot run it
 
 
 @dataclass
 class Outcome:
     step: Step
-    status: str  # done before | ok | failed | cut off | not built: ... | not started: ...
+    status: str  # done before | ok | failed | cut off | skipped: ... (cannot run here) | not started: ...
     seconds: float = 0.0
     rc: Optional[int] = None
     headline: str = ""
@@ -121,14 +122,16 @@ def outputs(step: Step) -> list[str]:
     return [*step.creates] + ([f"results/{step.sweep}"] if step.sweep else [])
 
 
-def blocked(step: Step, root: Path, by_name: dict[str, Step]) -> Optional[str]:
-    """Why the step cannot run in this checkout at all (not built, or waits on a step that is
-    not built), else None."""
+def blocked(step: Step, root: Path, by_name: dict[str, Step], num_gpus: int) -> Optional[str]:
+    """Why the step cannot run in this checkout or on this machine at all (not built, too few
+    GPUs, or waits on a step that cannot run), else None."""
     lacking = missing(step, root)
     if lacking:
-        return f"not built: no {', '.join(lacking)}"
-    if step.needs is not None and step.needs in by_name and blocked(by_name[step.needs], root, by_name):
-        return f"not built: needs {step.needs}"
+        return f"skipped: not built (no {', '.join(lacking)})"
+    if num_gpus < step.min_gpus:
+        return f"skipped: needs {step.min_gpus} GPUs, this machine has {num_gpus}"
+    if step.needs is not None and step.needs in by_name and blocked(by_name[step.needs], root, by_name, num_gpus):
+        return f"skipped: needs {step.needs}, which cannot run here"
     return None
 
 
@@ -209,29 +212,34 @@ def run_step(step: Step, root: Path, python: str, deadline: float, log_path: Pat
     return Outcome(step, status, time.monotonic() - t0, rc, log_tail=tail)
 
 
-def device_name() -> str:
-    """The GPU model(s) nvidia-smi names, for the log; says so when it names none."""
+def gpu_names() -> list[str]:
+    """One model name per GPU nvidia-smi lists (none without it)."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                              text=True, timeout=30)
-        names = [n.strip() for n in out.stdout.splitlines() if n.strip()]
-        if names:
-            return ", ".join(names)
     except (OSError, subprocess.TimeoutExpired):
-        pass
-    return f"no GPU seen ({platform.node()})"
+        return []
+    return [n.strip() for n in out.stdout.splitlines() if n.strip()]
+
+
+def device_name(names: Optional[Sequence[str]] = None) -> str:
+    """The GPU models, for the log; says so when there are none."""
+    names = gpu_names() if names is None else names
+    return ", ".join(names) if names else f"no GPU seen ({platform.node()})"
 
 
 def run_session(plan: Sequence[Step], root: Path, *, budget_s: float, python: str = sys.executable,
-                force: bool = False, log_rel: str = LOG, all_steps: Sequence[Step] = ()) -> list[Outcome]:
+                force: bool = False, log_rel: str = LOG, all_steps: Sequence[Step] = (),
+                gpus: Optional[Sequence[str]] = None) -> list[Outcome]:
     """Run `plan` in order: each step not done, built, with what it needs done and time left for
     it (a resumable one: ``MIN_RESUMABLE_S``; else its estimate; ``force`` starts it anyway).
     A step's ``needs`` is looked up in `plan` and in `all_steps` (the whole plan, when `plan`
-    is a selection of it)."""
+    is a selection of it). `gpus`: the machine's GPU models (default: nvidia-smi's)."""
     from bench.fingerprint import fingerprint
 
     deadline = time.monotonic() + budget_s
-    device = device_name()
+    gpus = gpu_names() if gpus is None else list(gpus)
+    device = device_name(gpus)
     git_sha = fingerprint(None)["git_sha"]  # from BATCHSCALE_GIT_SHA on a copy without .git
     log_path = root / log_rel
     outcomes: list[Outcome] = []
@@ -240,7 +248,7 @@ def run_session(plan: Sequence[Step], root: Path, *, budget_s: float, python: st
     if unknown:
         raise ValueError(f"steps needed but not in any plan: {', '.join(unknown)}")
     for step in plan:
-        why_not = blocked(step, root, by_name)
+        why_not = blocked(step, root, by_name, len(gpus))
         if why_not:
             outcomes.append(Outcome(step, why_not))
             continue
@@ -305,7 +313,7 @@ def write_archive(plan: Sequence[Step], root: Path, archive: Path, log_rel: str 
 
 def unfinished(outcomes: Sequence[Outcome]) -> list[Outcome]:
     """Steps this checkout could run that are not done yet (a call with none exits 0)."""
-    return [o for o in outcomes if o.status not in ("done before", "ok") and not o.status.startswith("not built")]
+    return [o for o in outcomes if o.status not in ("done before", "ok") and not o.status.startswith("skipped")]
 
 
 def summary_table(outcomes: Sequence[Outcome]) -> str:

@@ -11,6 +11,8 @@ SCRIPTS = {
     "throughput": "bench.perf.throughput",  # samples/s and TFLOP/s across per-GPU batch sizes
     "noise-overhead": "bench.perf.noise_overhead",  # worker step with the noise-scale probe off / on
     "loader": "bench.perf.loader",  # streamed ImageNet pipeline: images/s per DataLoader process
+    "allreduce": "bench.perf.allreduce",  # all-reduce busbw and latency per message size, nccl-tests style
+    "validate-comm": "bench.perf.validate_comm",  # 2-worker step time predicted from 1-worker runs vs measured
 }
 
 
