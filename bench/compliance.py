@@ -178,7 +178,7 @@ def _mlperf_problems(package: Package, r: store.RunRecord) -> list[str]:
     found = mlperf_rules.common_rule_failures(lines())
     if failed:
         return [f"{name}: {relative_message(failed[0], root)}"]
-    return [f"{name}: MLPerf training {mlperf_rules.RULESET} common rules: {m}" for m in found]
+    return [f"{name}: MLPerf training {mlperf_rules.newest_ruleset()} common rules: {m}" for m in found]
 
 
 def expected_plan(r: store.RunRecord) -> plan_mod.RunPlan:

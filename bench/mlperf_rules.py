@@ -23,26 +23,42 @@ Must not import: anything from bench; torch, ray, pandas.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from pathlib import Path
 from typing import Iterable
 
-RULESET = "6.1.0"  # the newest training ruleset of mlperf-logging 4.1.68
 USAGE = "training"
 MAX_MESSAGE_CHARS = 300
 
 
-def rules_file(ruleset: str = RULESET) -> Path:
+def _rules_folder() -> Path:
     from mlperf_logging.compliance_checker import mlp_compliance
 
-    return Path(mlp_compliance.__file__).parent / f"{USAGE}_{ruleset}" / "common.yaml"
+    return Path(mlp_compliance.__file__).parent
 
 
-def common_rule_failures(lines: Iterable[str], ruleset: str = RULESET) -> list[str]:
-    """MLPerf's common training rules of ``ruleset`` on these log lines: one line per failure
-    (empty: the log passes them). A failure of the checker itself on odd input is a failure."""
+@functools.cache
+def newest_ruleset() -> str:
+    """The newest training ruleset the installed mlperf-logging ships common rules for
+    ("6.1.0" in mlperf-logging 4.1.68, the oldest version pyproject.toml allows)."""
+    found = [d.name.split("_", 1)[1] for d in _rules_folder().iterdir()
+             if re.fullmatch(rf"{USAGE}_\d+\.\d+\.\d+", d.name) and (d / "common.yaml").is_file()]
+    return max(found, key=lambda v: tuple(int(x) for x in v.split(".")))
+
+
+def rules_file(ruleset: str) -> Path:
+    return _rules_folder() / f"{USAGE}_{ruleset}" / "common.yaml"
+
+
+def common_rule_failures(lines: Iterable[str], ruleset: str | None = None) -> list[str]:
+    """MLPerf's common training rules of ``ruleset`` (default: the newest) on these log lines:
+    one line per failure (empty: the log passes them). A failure of the checker itself on odd
+    input is a failure."""
     from mlperf_logging.compliance_checker import mlp_compliance
+
+    ruleset = ruleset or newest_ruleset()
 
     parser = importlib.import_module(f"mlperf_logging.compliance_checker.mlp_parser.ruleset_"
                                      f"{ruleset.replace('.', '')}")
