@@ -40,7 +40,7 @@ def compare_submissions(paths: Sequence[Path | str], out_html: Path | str | None
             raise UserError(f"{path}: no runs in this submission "
                             f"({'; '.join(package.problems[:3]) or 'no results/ logs'})", 1)
         for b, g in runs_frame(package.records).groupby("global_batch_size"):
-            rows.append({"submission": names[-1], "system": package.system.get("system_name"),
+            rows.append({"submission": names[-1], "system": (package.system or {}).get("system_name"),
                          "global_batch_size": b, "num_workers": distinct(g["num_workers"]), "n_runs": len(g),
                          "n_reached": int(g["epochs_to_target"].notna().sum()),
                          "time_to_target_s": olympic_mean(g["time_to_target_s"], missing_as_worst=True),

@@ -55,7 +55,7 @@ def check_submission(path: Path | str, *, reference: Path | str | None = None) -
     if not package.records:
         return problems + ["results/: no result logs"]
     for r in package.records:
-        problems += _run_problems(r, package.system) + _lr_problems(r) + _mlperf_problems(package, r)
+        problems += _run_problems(r, package.system or {}) + _lr_problems(r) + _mlperf_problems(package, r)
     problems += _seed_problems(package.records)
     if reference is not None:
         ref = load_submission(require_package_folder(reference, "reference"))
@@ -109,7 +109,9 @@ def _checksum_problems(package: Package) -> list[str]:
     return problems
 
 
-def _system_problems(system: dict) -> list[str]:
+def _system_problems(system: dict | None) -> list[str]:
+    if system is None:
+        return []  # missing or unusable: already a problem of the package
     problems = [f"{SYSTEM_JSON}: field {k!r} missing" for k in SYSTEM_FIELDS if k not in system]
     problems += [f"{SYSTEM_JSON}: field {k!r} is empty" for k in REQUIRED_SYSTEM_VALUES
                  if k in system and system[k] in (None, "")]
@@ -130,7 +132,7 @@ def _header_problems(r: store.RunRecord, system: dict, first: dict[str, Any]) ->
     where = ("system.json submitter", "system.json system_name", "system.json division", "run.json workload",
              "system.json status")
     problems = [f"{name}: {key} in the log differs from {src}" for (key, value), src in zip(want.items(), where)
-                if key in first and first[key].get("value") != value]
+                if value is not None and key in first and first[key].get("value") != value]
     precision = r.config.get("precision", "fp32")
     problems += [f"{name}: {key} in the log does not match the config's precision {precision}"
                  for key, value in precision_values(r.config).items()

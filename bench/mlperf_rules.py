@@ -83,4 +83,4 @@ def _one_line(message: str) -> str:
             if part.strip() and not part.strip().startswith(":::MLLOG")]
     text = re.sub(r"\s*triggered by line\s*:", "", " ".join(kept))
     text = re.sub(r"\bin line (\d+)", lambda m: f"in MLLOG line {int(m.group(1)) + 1}", text)
-    return text[:MAX_MESSAGE_CHARS]
+    return " ".join(text.split())[:MAX_MESSAGE_CHARS]

@@ -190,7 +190,7 @@ def iter_mllog(path: Path, *, root: Path) -> Iterator[dict[str, Any]]:
 class Package:
     root: Path
     inventory: Inventory
-    system: dict
+    system: dict | None  # None: missing or unusable (that is in problems)
     records: list[store.RunRecord]
     problems: list[str]  # in the order found: links/special files, missing files, unreadable parts
     logs: dict[tuple[str, str], str]  # (sweep, run_id) of each record -> its log, relative
@@ -229,22 +229,23 @@ def _load_run(root: Path, sweep: str, run_id: str) -> store.RunRecord:
 
 
 def load_submission(path: Path | str) -> Package:
-    """The package at path read back: system.json ({} when unusable), one RunRecord per result
+    """The package at path read back: system.json (None when unusable), one RunRecord per result
     log whose run could be read, and one problem line per entry or part that could not."""
     root = Path(path)
     inv = inventory(root)
     problems = list(inv.refused)
     problems += [f"{name}: required file missing" for name in REQUIRED_FILES
                  if name not in inv.files and not os.path.lexists(root / name)]
-    system: Any = {}
+    system: Any = None
     if os.path.lexists(root / SYSTEM_JSON):
         try:
             system = safeio.read_json(root / SYSTEM_JSON, "json", root=root)
         except ValueError as err:
             problems.append(relative_message(err, root))
-        if not isinstance(system, dict):
-            problems.append(f"{SYSTEM_JSON}: expected a JSON object, got {type(system).__name__}")
-            system = {}
+        else:
+            if not isinstance(system, dict):
+                problems.append(f"{SYSTEM_JSON}: expected a JSON object, got {type(system).__name__}")
+                system = None
     records, logs = [], {}
     for sweep, run_id in _result_logs(inv):
         try:
