@@ -54,14 +54,31 @@ def check_submission(path: Path | str, *, reference: Path | str | None = None) -
     problems = package.problems + _checksum_problems(package) + _system_problems(package.system)
     if not package.records:
         return problems + ["results/: no result logs"]
+    usable = []
     for r in package.records:
-        problems += _run_problems(r, package.system or {}) + _lr_problems(r) + _mlperf_problems(package, r)
+        try:
+            problems += _run_problems(r, package.system or {}) + _lr_problems(r) + _mlperf_problems(package, r)
+            usable.append(r)
+        except ODD_VALUES as err:
+            problems.append(f"run {r.sweep}/{r.run_id}: {_odd(err)}")
     problems += _seed_problems(package.records)
     if reference is not None:
         ref = load_submission(require_package_folder(reference, "reference"))
         problems += [f"reference: {p}" for p in ref.problems]
-        problems += convergence_problems(package.records, ref.records)
+        try:
+            problems += convergence_problems(usable, ref.records)
+        except ODD_VALUES as err:
+            problems.append(f"convergence: not checked, {_odd(err)}")
     return problems
+
+
+# What a well-formed log with values of the wrong type (an epoch_num that is a list, an accuracy
+# of 10**400) raises in the arithmetic: a violation of its run, never a traceback.
+ODD_VALUES = (TypeError, ValueError, ArithmeticError)
+
+
+def _odd(err: Exception) -> str:
+    return f"the log holds values that are not usable as numbers ({type(err).__name__})"
 
 
 def _digest(root: Path, rel: str) -> str:
@@ -205,7 +222,7 @@ def expected_plan(r: store.RunRecord) -> plan_mod.RunPlan:
 def _close(a: Any, b: float) -> bool:
     try:
         return math.isclose(float(a), b, rel_tol=LR_REL_TOL, abs_tol=1e-12)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return False
 
 
@@ -219,7 +236,7 @@ def _lr_problems(r: store.RunRecord) -> list[str]:
     name = f"run {r.sweep}/{r.run_id}"
     try:
         want = expected_plan(r)
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, ArithmeticError) as err:
         return [f"{name}: cannot recompute the LR rule from run.json/config.yaml ({type(err).__name__}: {err})"]
     rule = f"the {want.scaling} rule with {want.warmup_steps} warmup steps"
     problems = [f"{name}: run.json declares {k} {getattr(plan_mod.RunPlan.from_dict(r.plan), k)}, {rule} gives "
@@ -227,7 +244,7 @@ def _lr_problems(r: store.RunRecord) -> list[str]:
                 if not _close(r.plan.get(k), getattr(want, k))]
     base = [e for e in r.events if e.get("key") == ev.OPT_BASE_LEARNING_RATE]
     if base and not _close(base[0].get("value"), want.peak_lr):
-        problems.append(f"{name}: logged opt_base_learning_rate {base[0]['value']} but {rule} gives "
+        problems.append(f"{name}: logged opt_base_learning_rate {_shown(base[0].get('value'))} but {rule} gives "
                         f"{want.peak_lr:.8g}")
     applied = [(_step_of(e), e.get("value")) for e in r.events if e.get("key") == ev.OPT_LEARNING_RATE]
     if not applied:
@@ -235,12 +252,22 @@ def _lr_problems(r: store.RunRecord) -> list[str]:
     stepless = sum(1 for s, _ in applied if s < 0)
     if stepless:
         problems.append(f"{name}: {stepless} opt_learning_rate line(s) without a whole-number step")
-    wrong = [(s, v, want.lr(s)) for s, v in applied if s >= 0 and not _close(v, want.lr(s))]
+    try:
+        wrong = [(s, v, want.lr(s)) for s, v in applied if s >= 0 and not _close(v, want.lr(s))]
+    except (ArithmeticError, ValueError, TypeError) as err:  # a step no schedule reaches, e.g. 10**400
+        return problems + [f"{name}: the LR rule cannot be evaluated at a logged step ({type(err).__name__})"]
     if wrong:
         s, v, w = wrong[0]
-        problems.append(f"{name}: LR applied at step {s} was {v}, {rule} gives {w:.8g} "
+        problems.append(f"{name}: LR applied at step {s} was {_shown(v)}, {rule} gives {w:.8g} "
                         f"({len(wrong)} of {len(applied)} logged steps differ)")
     return problems
+
+
+def _shown(value: Any) -> str:
+    """A logged number as it was; anything else is not quoted (a violation never quotes a file)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.12g}" if isinstance(value, float) else str(value)[:40]
+    return f"a {type(value).__name__}, not a number"
 
 
 def _seed_problems(records: Sequence[store.RunRecord]) -> list[str]:

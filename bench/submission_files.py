@@ -211,6 +211,23 @@ def _read_part(path: Path, root: Path) -> Any:
     return safeio.read_yaml(path, "yaml", root=root)
 
 
+def _typed_plan(plan: Any) -> Any:
+    """run.json with every field of the type RunPlan declares (store.validate_parts checks the
+    field names only), as RunPlan.to_dict writes it; a non-mapping is left to validate_parts."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from bench.plan import RunPlan
+
+    if not isinstance(plan, dict):
+        return plan
+    try:
+        return TypeAdapter(RunPlan).validate_python(plan).to_dict()
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "(top level)"
+        raise ValueError(f"{store.RUN_PLAN}: {where}: {first['msg']}") from None
+
+
 def _load_run(root: Path, sweep: str, run_id: str) -> store.RunRecord:
     """One run's stored files, validated; raises ValueError naming the file."""
     run = root / run_rel(sweep, run_id)
@@ -219,7 +236,7 @@ def _load_run(root: Path, sweep: str, run_id: str) -> store.RunRecord:
         raise ValueError(f"missing {', '.join(missing)}")
     parts = {n: _read_part(run / n, root) if os.path.lexists(run / n) else None for n in RUN_FILES}
     plan, config, cluster, env, worker_env, summary = store.validate_parts(
-        plan=parts[store.RUN_PLAN], config=parts[store.CONFIG], cluster=parts[store.CLUSTER] or {},
+        plan=_typed_plan(parts[store.RUN_PLAN]), config=parts[store.CONFIG], cluster=parts[store.CLUSTER] or {},
         env=parts[store.ENV] if parts[store.ENV] is not None else {},
         worker_env=parts[store.WORKER_ENV] if parts[store.WORKER_ENV] is not None else {},
         summary=parts[store.SUMMARY], folder=run)

@@ -188,6 +188,28 @@ def test_a_garbled_log_line_is_a_violation_naming_the_line_not_quoting_it(pkg, l
     assert line not in out
 
 
+@pytest.mark.parametrize("old, new", [('"epoch_num": 2, "step"', '"epoch_num": [2], "step"'),
+                                      ('"value": 0.', '"value": 1' + '0' * 400 + ', "was": 0.')])
+def test_values_of_the_wrong_type_in_a_log_are_a_violation_of_the_run(pkg, old, new):
+    log = pkg / "results" / "demo" / f"{RUN}.log"
+    lines = log.read_text().splitlines()
+    i = next(i for i, line in enumerate(lines) if '"key": "eval_accuracy"' in line and old in line)
+    lines[i] = lines[i].replace(old, new, 1)
+    log.write_text("\n".join(lines) + "\n")
+    problems = [p for p in compliance.check_submission(pkg) if not p.startswith("checksums:")]
+    assert problems == [f"run demo/{RUN}: the log holds values that are not usable as numbers "
+                        f"({'TypeError' if '[2]' in new else 'OverflowError'})"]
+
+
+def test_a_run_json_field_of_the_wrong_type_is_a_violation(pkg):
+    plan_path = pkg / "runs" / "demo" / RUN / "run.json"
+    plan = json.loads(plan_path.read_text())
+    plan["global_batch_size"] = [4]
+    plan_path.write_text(json.dumps(plan))
+    problems = [p for p in compliance.check_submission(pkg) if not p.startswith(("checksums:", "sweep demo:"))]
+    assert problems == [f"run demo/{RUN}: run.json: global_batch_size: Input should be a valid integer"]
+
+
 # --- 4. the logs pass MLPerf's own compliance checker, which check runs ---------------------------
 
 def test_mlperf_checker_entry_points_pinned():
