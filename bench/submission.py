@@ -8,8 +8,9 @@ parsers (``register``). The layout and reading a package back live in bench.subm
 the logs in bench.mllog_export, what ``check`` checks in bench.compliance, the comparison in
 bench.compare; this module imports them, none of them imports it.
 
-Must not import: torch, ray. pandas/numpy/scipy (via bench.analysis) only inside functions,
-because the CLI imports this module to build its parser.
+Must not import: torch, ray. pandas/numpy/scipy (via bench.analysis) and mlperf_logging (via
+bench.mllog_export / bench.compliance; it loads numpy) only inside functions, because the CLI
+imports this module to build its parser.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench import compare, compliance, safeio, store
+from bench import compare, safeio, store
 from bench import events as ev
 from bench.errors import ConfigError, UserError
-from bench.mllog_export import submission_events, write_mllog
 from bench.submission_files import (CHECKSUMS, CLUSTER_COPY, DIVISIONS, RUN_FILES, STATUSES, SUMMARY_CSV,
                                     SYSTEM_FIELDS, SYSTEM_JSON, distinct, inventory, kind_of, log_rel,
                                     require_package_folder, run_rel)
@@ -135,6 +135,8 @@ def make_submission(results_paths: Sequence[Path | str], system_file: Path | str
 
 def _package_run(tmp: Path, r: store.RunRecord, **header: str) -> None:
     """The run's MLLOG log (bench.mllog_export) and copies of its stored files."""
+    from bench.mllog_export import submission_events, write_mllog  # mlperf_logging loads numpy
+
     run_out = tmp / run_rel(r.sweep, r.run_id)
     events = submission_events(r, config_filename=f"{run_rel(r.sweep, r.run_id)}/{store.CONFIG}", **header)
     log = tmp / log_rel(r.sweep, r.run_id)
@@ -164,6 +166,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from bench import compliance  # imports mlperf_logging, which loads numpy: not at parser time
+
     root = require_package_folder(args.submission)
     reference = None if args.reference is None else require_package_folder(args.reference, "reference")
     problems = compliance.check_submission(root, reference=reference)

@@ -330,3 +330,11 @@ def test_compliance_does_not_import_submission():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_building_the_cli_parser_loads_neither_mlperf_logging_nor_numpy():
+    code = ("import sys, bench.cli; bench.cli.build_parser(); "
+            "print(sorted(m for m in ('numpy', 'pandas', 'mlperf_logging') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]"
