@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,8 +93,8 @@ def kind_of(rel: str) -> str:
 
 def relative_message(err: Exception, root: Path) -> str:
     """An error's message with the package root taken off the paths, on one line."""
-    text = str(err).replace(f"{root}{os.sep}", "").replace(str(root), ".")
-    return " ".join(text.split())[:400]
+    text = " ".join(str(err).replace(f"{root}{os.sep}", "").replace(str(root), ".").split())
+    return re.sub(r"^(\S+): \1 ", r"\1: ", text)[:400]  # "a/b: a/b is a link" -> "a/b: is a link"
 
 
 def distinct(values: Iterable[Any]) -> Any:
