@@ -324,17 +324,18 @@ def test_header_and_precision_must_agree_with_the_package(pkg):
 
 # --- 5. no import cycle -----------------------------------------------------------------------------
 
-def test_compliance_does_not_import_submission():
-    code = ("import sys, bench.compliance, bench.compare, bench.mllog_export, bench.submission_files; "
-            "print('bench.submission' in sys.modules)")
+def _modules_after(code: str) -> str:
+    """What a fresh interpreter prints after running code with this checkout's bench."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip() == "False"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          check=True).stdout.strip()
+
+
+def test_compliance_does_not_import_submission():
+    assert _modules_after("import sys, bench.compliance, bench.compare, bench.mllog_export, "
+                          "bench.submission_files; print('bench.submission' in sys.modules)") == "False"
 
 
 def test_building_the_cli_parser_loads_neither_mlperf_logging_nor_numpy():
-    code = ("import sys, bench.cli; bench.cli.build_parser(); "
-            "print(sorted(m for m in ('numpy', 'pandas', 'mlperf_logging') if m in sys.modules))")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip() == "[]"
+    assert _modules_after("import sys, bench.cli; bench.cli.build_parser(); print(sorted(m for m in "
+                          "('numpy', 'pandas', 'mlperf_logging') if m in sys.modules))") == "[]"
