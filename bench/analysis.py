@@ -55,7 +55,7 @@ def to_float(value: Any) -> float:
         return math.nan
     try:
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # 10**400 in a log is not a number we can use
         return math.nan
 
 

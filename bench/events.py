@@ -36,8 +36,8 @@ INTERVAL_START = "INTERVAL_START"
 INTERVAL_END = "INTERVAL_END"
 
 # --- run boundaries (MLPerf) ---
-INIT_START = "init_start"  # INTERVAL_START: set-up (data, model, optimizer) begins; before run_start
-INIT_STOP = "init_stop"  # INTERVAL_END: set-up done
+INIT_START = "init_start"  # INTERVAL_START; rank 0, before the worker's set-up (data, model, optimizer)
+INIT_STOP = "init_stop"  # INTERVAL_END; set-up done, logged just before run_start
 RUN_START = "run_start"  # INTERVAL_START
 RUN_STOP = "run_stop"  # INTERVAL_END; metadata.status: success | diverged | oom
 EPOCH_START = "epoch_start"

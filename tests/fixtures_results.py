@@ -100,8 +100,10 @@ def _write_events(run: RunDir, spec: RunSpec) -> None:
     with ev.EventLog(run.events_path, mode="w") as log:
         log.log(ev.RUN_START, event_type=ev.INTERVAL_START, time_ms=ms(0))
         for key, value in ((ev.SEED, plan.seed), (ev.GLOBAL_BATCH_SIZE, plan.global_batch_size),
-                           (ev.NUM_WORKERS, plan.num_workers), (ev.OPT_BASE_LEARNING_RATE, plan.peak_lr),
-                           (ev.STEPS_PER_EPOCH, plan.steps_per_epoch)):
+                           (ev.NUM_WORKERS, plan.num_workers), (ev.MICRO_BATCH_SIZE, plan.micro_batch_size),
+                           (ev.GRADIENT_ACCUMULATION_STEPS, plan.grad_accum_steps),
+                           (ev.OPT_BASE_LEARNING_RATE, plan.peak_lr), (ev.TRAIN_SAMPLES, plan.num_train),
+                           (ev.EVAL_SAMPLES, plan.num_test), (ev.STEPS_PER_EPOCH, plan.steps_per_epoch)):
             log.log(key, value, time_ms=ms(0))
         last_epoch = _epochs_run(spec)
         for epoch in range(1, last_epoch + 1):
@@ -109,6 +111,7 @@ def _write_events(run: RunDir, spec: RunSpec) -> None:
             first = (epoch - 1) * plan.steps_per_epoch
             every_step = epoch == 1 or first < plan.warmup_steps  # as the worker logs them
             lr_steps = range(first, first + plan.steps_per_epoch) if every_step else [first]
+            log.log(ev.EPOCH_START, event_type=ev.INTERVAL_START, metadata={"epoch_num": epoch}, time_ms=ms(t))
             for step in lr_steps:
                 log.log(ev.OPT_LEARNING_RATE, plan.lr(step), metadata={"step": step}, time_ms=ms(t))
             log.log(ev.EPOCH_STOP, event_type=ev.INTERVAL_END, time_ms=ms(t + spec.epoch_time_s),
@@ -116,9 +119,13 @@ def _write_events(run: RunDir, spec: RunSpec) -> None:
                               "epoch_train_time_s": spec.epoch_time_s})
         for e in spec.evals:
             pos = _position(plan, e, spec.epoch_time_s)
+            log.log(ev.EVAL_START, event_type=ev.INTERVAL_START, metadata={"epoch_num": e.epoch},
+                    time_ms=ms(pos["elapsed_s"]))
             for key, value in ((ev.TRAIN_ACCURACY, e.train_acc), (ev.TRAIN_LOSS, e.train_loss),
                                (ev.EVAL_ACCURACY, e.test_acc), (ev.EVAL_LOSS, e.test_loss)):
                 log.log(key, value, metadata=pos, time_ms=ms(pos["elapsed_s"]))
+            log.log(ev.EVAL_STOP, event_type=ev.INTERVAL_END, metadata={"epoch_num": e.epoch},
+                    time_ms=ms(pos["elapsed_s"]))
         if spec.noise_scale is not None:
             for step in (10, 20, 30, 40):
                 log.log(ev.GRADIENT_NOISE_SCALE, spec.noise_scale, metadata={"step": step}, time_ms=ms(1))
