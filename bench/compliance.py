@@ -82,9 +82,12 @@ ODD_VALUES = (TypeError, ValueError, ArithmeticError)
 
 
 def _check_positions(events) -> None:
-    """Raise TypeError when an event's position (epoch_num, step, samples_count) is not a number:
-    the arithmetic downstream would otherwise read it as unknown and say nothing."""
+    """Raise TypeError when an event's position (epoch_num, step, samples_count) is not a number,
+    OverflowError when a value is an integer beyond floating point: the arithmetic downstream
+    would otherwise read either as unknown and say nothing."""
     for e in events:
+        if isinstance(e.get("value"), int) and not isinstance(e.get("value"), bool):
+            float(e["value"])
         for key in ("epoch_num", "step", "samples_count"):
             value = (e.get("metadata") or {}).get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
