@@ -359,3 +359,16 @@ def test_local_cluster_needs_no_gpu_check(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(launcher, "local_num_gpus", lambda: (_ for _ in ()).throw(AssertionError("asked")))
     launcher.preflight(ClusterConfig(name="local"), max_workers=1)
+
+
+def test_checkpoint_cost_arithmetic():
+    """bench.perf checkpoint-cost: costs in % of training time, median over rounds."""
+    from bench.perf.checkpoint_cost import costs, summarise
+
+    a = {"train_s": 20.0, "run_s": 28.0, "checkpoint_s": 0.0}
+    b = {"train_s": 20.5, "run_s": 29.0, "checkpoint_s": 0.41}
+    assert costs(a, b) == {"direct_pct": pytest.approx(2.0), "end_to_end_pct": pytest.approx(5.0)}
+    stats = summarise([{"direct_pct": 1.0, "end_to_end_pct": 3.0}, {"direct_pct": 2.0, "end_to_end_pct": -1.0},
+                       {"direct_pct": 4.0, "end_to_end_pct": 2.0}])
+    assert stats == {"direct_pct": {"median": 2.0, "min": 1.0, "max": 4.0},
+                     "end_to_end_pct": {"median": 2.0, "min": -1.0, "max": 3.0}}
