@@ -11,6 +11,7 @@ SCRIPTS = {
     "noise-overhead": "bench.perf.noise_overhead",  # worker step with the noise-scale probe off / on
     "loader": "bench.perf.loader",  # streamed ImageNet pipeline: images/s per DataLoader process
     "gpu-session": "bench.perf.session",  # the GPU measurements still owed, within a time budget
+    "checkpoint-cost": "bench.perf.checkpoint_cost",  # the same sweep without / with checkpoints, A B B A
 }
 
 
