@@ -41,7 +41,7 @@ from bench.config import ClusterConfig, SweepConfig
 from bench.errors import LauncherError
 from bench.groupstate import (CheckpointWriter, Restart, append_record, attempts, driver_lock,
                                load_checkpoint, read_records)
-from bench.placement import placement_problem, worker_resources
+from bench.placement import placement_problem, worker_resources, workers
 from bench.plan import RunPlan
 from bench.store import SweepDir
 
@@ -123,7 +123,7 @@ def _check_local(cluster: ClusterConfig, max_workers: int) -> None:
             hint = "; torch sees no CUDA device here: set use_gpu: false (backend gloo) or run where a GPU is visible"
         elif any(name not in LOCAL_RESOURCES for name in need):
             hint = "; a custom resource needs a cluster whose nodes declare it (`ray start --resources`)"
-        raise LauncherError(f"cluster {cluster.name!r}: cannot start {max_workers} workers: {problem}{hint}")
+        raise LauncherError(f"cluster {cluster.name!r}: cannot start {workers(max_workers)}: {problem}{hint}")
 
 
 def _probe_child() -> None:
@@ -183,7 +183,7 @@ def check_resources(cluster: ClusterConfig, max_workers: int) -> None:
     problem = placement_problem(need, max_workers, nodes, max_totals=ceiling,
                                 where="the Ray cluster" + (" and its autoscaler" if ceiling else ""))
     if problem:
-        raise LauncherError(f"cluster {cluster.name!r}: cannot start {max_workers} workers: {problem}")
+        raise LauncherError(f"cluster {cluster.name!r}: cannot start {workers(max_workers)}: {problem}")
 
 
 def autoscaler_max_resources() -> dict[str, float] | None:

@@ -37,6 +37,10 @@ def workers_per_node(need: Mapping[str, float], node: Mapping[str, float]) -> in
     return min(int(node.get(name, 0.0) / amount + EPS) for name, amount in need.items())
 
 
+def workers(n: int) -> str:
+    return f"{n} worker{'s' * (n != 1)}"
+
+
 def _fmt(resources: Mapping[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
 
@@ -74,7 +78,7 @@ def placement_problem(need: Mapping[str, float], num_workers: int, nodes: Iterab
     for name, amount in sorted(need.items()):
         wanted = amount * num_workers
         if wanted > totals[name] + EPS:
-            return (f"{num_workers} workers x {amount:g} {name} = {wanted:g} {name}, but {where} has{ceiling} "
+            return (f"{workers(num_workers)} x {amount:g} {name} = {wanted:g} {name}, but {where} has{ceiling} "
                     f"{totals[name]:g} {name}")
     if max_totals is None:
         fit = sum(workers_per_node(need, node) for node in nodes)

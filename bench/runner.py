@@ -35,10 +35,11 @@ class SweepOutcome:
 
 def describe_group(index: int, g: launcher.GroupStart) -> str:
     """One line per worker group: start-up, then restarts apart from it, e.g. 'worker group 1
-    (2 workers, 1 runs): start-up 9.1 s; 1 restart after a worker failure (ActorDiedError), 12.3 s
-    to resume'."""
+    (2 workers, 1 run): start-up 9.1 s; 1 restart after a worker failure (ActorDiedError), 12.3 s
+    to resume; 3 checkpoints written in 41 ms'."""
     secs = f"{g.start_s:.1f} s" if g.start_s is not None else "unknown"
-    line = f"worker group {index} ({g.num_workers} worker{'s' * (g.num_workers > 1)}, {g.num_runs} runs): start-up {secs}"
+    line = (f"worker group {index} ({g.num_workers} worker{'s' * (g.num_workers != 1)}, "
+            f"{g.num_runs} run{'s' * (g.num_runs != 1)}): start-up {secs}")
     if g.restarts:
         n = len(g.restarts)
         causes = sorted({r.cause for r in g.restarts if r.cause})
@@ -46,7 +47,8 @@ def describe_group(index: int, g: launcher.GroupStart) -> str:
         line += (f"; {n} restart{'s' * (n > 1)} after a worker failure"
                  f"{' (' + ', '.join(causes) + ')' if causes else ''}, {resumes} to resume")
     if g.num_checkpoints:
-        line += f"; {g.num_checkpoints} checkpoint{'s' * (g.num_checkpoints > 1)} in {g.checkpoint_s:.2f} s"
+        took = f"{g.checkpoint_s:.1f} s" if g.checkpoint_s >= 1 else f"{1000 * g.checkpoint_s:.0f} ms"
+        line += f"; {g.num_checkpoints} checkpoint{'s' * (g.num_checkpoints > 1)} written in {took}"
     return line
 
 

@@ -87,7 +87,7 @@ def _forbid_ray(monkeypatch) -> None:
 
 @pytest.mark.parametrize("cluster_yaml, expect", [
     ("use_gpu: true\nresources_per_worker: {CPU: 1, GPU: 1}\n",
-     "cluster 'c': cannot start 1 workers: each worker needs {CPU: 1, GPU: 1}, but a local Ray on this machine "
+     "cluster 'c': cannot start 1 worker: each worker needs {CPU: 1, GPU: 1}, but a local Ray on this machine "
      "has no 'GPU' resource at all (it has CPU); torch sees no CUDA device here: set use_gpu: false (backend "
      "gloo) or run where a GPU is visible"),
     ("use_gpu: true\nbackend: nccl\n", "has no 'GPU' resource at all"),
@@ -95,7 +95,7 @@ def _forbid_ray(monkeypatch) -> None:
      "needs a cluster whose nodes declare it (`ray start --resources`)"),
     ("resources_per_worker: {CPU: 1, TPU: 1}\n", "has no 'TPU' resource"),
     ("local_num_cpus: 1\nresources_per_worker: {CPU: 2}\n",
-     "1 workers x 2 CPU = 2 CPU, but a local Ray on this machine has 1 CPU"),
+     "1 worker x 2 CPU = 2 CPU, but a local Ray on this machine has 1 CPU"),
 ], ids=["use-gpu", "nccl", "custom", "tpu", "cpus"])
 def test_a_local_ray_that_could_not_hold_the_workers_is_refused_before_it_starts(
         cluster_yaml, expect, tmp_path: Path, capsys, monkeypatch):
@@ -107,7 +107,7 @@ def test_a_local_ray_that_could_not_hold_the_workers_is_refused_before_it_starts
     code = main(["run", str(sweep), "--cluster", str(cluster), "--results-dir", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("batchscale: error: cluster 'c': cannot start 1 workers: ") and expect in err
+    assert err.startswith("batchscale: error: cluster 'c': cannot start 1 worker: ") and expect in err
     assert not (tmp_path / "r").exists()  # nothing written, no lock taken
 
 
@@ -286,8 +286,8 @@ def test_start_up_and_restart_times_from_the_attempt_records():
 def test_describe_group_says_start_up_and_restarts_separately():
     g = launcher.GroupStart(num_workers=2, num_runs=1, start_s=9.1,
                             restarts=[Restart("ActorDiedError", 12.3)], checkpoint_s=0.0412, num_checkpoints=3)
-    assert describe_group(1, g) == ("worker group 1 (2 workers, 1 runs): start-up 9.1 s; 1 restart after a "
-                                    "worker failure (ActorDiedError), 12.3 s to resume; 3 checkpoints in 0.04 s")
+    assert describe_group(1, g) == ("worker group 1 (2 workers, 1 run): start-up 9.1 s; 1 restart after a "
+                                    "worker failure (ActorDiedError), 12.3 s to resume; 3 checkpoints written in 41 ms")
     plain = launcher.GroupStart(num_workers=1, num_runs=2, start_s=None)
     assert describe_group(2, plain) == "worker group 2 (1 worker, 2 runs): start-up unknown"
 
