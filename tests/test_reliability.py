@@ -1,7 +1,8 @@
 """Reliability (issue 8): faults survived, bad input refused, nothing lost.
 
 - results store: atomic writes never leave a half file or a temp file; a second driver is
-  refused by the lock (and a crashed driver's lock goes with its process); an unwritable
+  refused by the lock (and a crashed driver's lock goes with its process, which is how its
+  workers learn that it is gone); an unwritable
   results folder fails with exit 1 before anything starts; a corrupt run folder is skipped by
   ``batchscale results`` with one warning line naming it while the healthy runs still print.
 - security: YAML is safe-loaded (a ``!!python/object/apply`` payload is refused, not run); the
@@ -21,6 +22,7 @@ interruption tests start Ray, in a subprocess.
 from __future__ import annotations
 
 import ast
+import contextlib
 import csv
 import io
 import json
@@ -40,6 +42,7 @@ from bench import events as ev
 from bench import launcher
 from bench.cli import main
 from bench.config import ClusterConfig, SweepConfig
+from bench.groupstate import driver_lock
 from bench.plan import plan_sweep
 from bench.store import (EVENTS, RUN_PLAN, SUMMARY, StoreError, SweepDir, atomic_write_json,
                          atomic_write_text)
@@ -135,22 +138,49 @@ HOLD_LOCK = ("import sys\nfrom bench.store import SweepDir\nSweepDir(sys.argv[1]
              "print('locked', flush=True)\nsys.stdin.read()\n")
 
 
-def test_lock_held_by_another_process_then_released_when_it_dies(tmp_path: Path):
-    """flock belongs to the process: a driver killed with SIGKILL leaves no stale lock."""
-    folder = tmp_path / "tiny"
-    folder.mkdir()
+@contextlib.contextmanager
+def lock_holder(folder: Path):
+    """Another process holding ``folder``'s lock, as a driver does, until the block ends (or the
+    block kills it)."""
     child = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], cwd=REPO,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "locked"
+        yield child
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(timeout=30)
+
+
+def test_lock_held_by_another_process_then_released_when_it_dies(tmp_path: Path):
+    """flock belongs to the process: a driver killed with SIGKILL leaves no stale lock."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    with lock_holder(folder):
         with pytest.raises(StoreError, match="in use by another batchscale run"):
             SweepDir(folder).lock()
-    finally:
-        child.kill()
-        child.wait(timeout=30)
     survivor = SweepDir(folder)
     survivor.lock()
     survivor.unlock()
+
+
+def test_driver_killed_with_sigkill_reads_as_gone_and_a_newer_driver_is_not_ours(tmp_path: Path):
+    """WorkerContext.driver_alive (bench.groupstate.DriverLock), in isolation."""
+    folder = tmp_path / "s"
+    folder.mkdir()
+    with lock_holder(folder) as driver:
+        alive = driver_lock(SweepDir(folder))  # what the workers of that driver were given
+        assert alive.token == str(driver.pid).encode() and alive() is True
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    assert alive() is False  # the kernel dropped the dead driver's flock
+    newer = SweepDir(folder)
+    newer.lock()  # a second driver took over the folder
+    try:
+        assert alive() is False and driver_lock(newer)() is True
+    finally:
+        newer.unlock()
 
 
 def test_second_driver_exits_1_with_one_line(tmp_path: Path, capsys, monkeypatch):
