@@ -146,7 +146,9 @@ class SweepConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_eval_interval(self) -> "SweepConfig":
-        if self.eval_every_steps is not None and "eval_every_epochs" in self.model_fields_set:
+        # A stored config.yaml carries every key at its value, so only a non-default epoch interval
+        # beside eval_every_steps is a contradiction.
+        if self.eval_every_steps is not None and self.eval_every_epochs != 1:
             raise ValueError("eval_every_steps and eval_every_epochs: give one of them")
         return self
 

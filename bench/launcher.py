@@ -214,6 +214,7 @@ def shutdown() -> None:
 def _group_loop(config: dict) -> dict:
     import torch
     import torch.distributed as dist
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -222,7 +223,8 @@ def _group_loop(config: dict) -> dict:
     rctx = ray.train.get_context()
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     ctx = WorkerContext(rank=rctx.get_world_rank(), world_size=rctx.get_world_size(),
-                        local_rank=rctx.get_local_rank(), device=device)
+                        local_rank=rctx.get_local_rank(), device=device,
+                        node_id=ray.get_runtime_context().get_node_id())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
@@ -231,8 +233,6 @@ def _group_loop(config: dict) -> dict:
     ctx.save_checkpoint = writer
     ctx.after_epoch = config["after_epoch"]
     ctx.driver_alive = config["driver_alive"]
-    if ctx.after_epoch is not None:  # until bench.worker calls after_epoch, its own fault code reads this
-        ctx.fault = ctx.after_epoch.spec
     if ctx.rank == 0:
         append_record(config["entered_log"], {"unix_s": time.time()})
     sweep = SweepConfig.model_validate(config["sweep"])
@@ -252,7 +252,7 @@ def _group_loop(config: dict) -> dict:
         if not go[0]:  # the driver is gone: start nothing more (Ray ends this group soon)
             break
         run_dir = sweep_dir.run(plan.run_id)
-        statuses[plan.run_id] = execute_run(plan, sweep, run_dir, ctx, restored=load_checkpoint(run_dir))["status"]
+        statuses[plan.run_id] = execute_run(plan, sweep, run_dir, ctx, restored=load_checkpoint(run_dir)).status
         if ctx.rank == 0 and run_dir.is_complete():
             run_dir.checkpoint_path.unlink(missing_ok=True)
     return {"statuses": statuses, "checkpoint_s": writer.seconds, "num_checkpoints": writer.count}

@@ -62,15 +62,18 @@ def check_path(path: Path | str, root: Path | str | None = None) -> Path:
         if path.is_symlink():
             raise _refuse(path, "is a symbolic link; links are not followed")
         return path
-    if ".." in path.parts:  # checked before any normalisation: "link/.." is the link target's parent
-        raise _refuse(path, "'..' is not allowed in a path")
     root = Path(root)
     if root.is_symlink():
         raise _refuse(path, f"{root} is a symbolic link; links are not followed")
-    try:
-        rel = Path(os.path.abspath(path)).relative_to(os.path.abspath(root))
+    try:  # lexically first: the root itself may be given as ../results
+        rel = path.relative_to(root)
     except ValueError:
-        raise _refuse(path, f"outside {root}") from None
+        try:
+            rel = Path(os.path.abspath(path)).relative_to(os.path.abspath(root))
+        except ValueError:
+            raise _refuse(path, f"outside {root}") from None
+    if ".." in rel.parts:  # checked before any normalisation: "link/.." is the link target's parent
+        raise _refuse(path, "'..' is not allowed below the root")
     current = root
     for part in rel.parts:
         current = current / part
