@@ -54,7 +54,7 @@ def _auto_micro_batch(sweep, args: argparse.Namespace, use_gpu: bool) -> dict[in
     device kind: a micro-batch per per-worker batch."""
     if sweep.max_micro_batch_size != "auto":
         return None
-    from bench.memfit import ProbeMismatch, micro_batch_for_auto
+    from bench.memprobe import ProbeMismatch, micro_batch_for_auto
 
     try:
         micro, _path = micro_batch_for_auto(sweep, Path(getattr(args, "results_dir", "results")), use_gpu=use_gpu)

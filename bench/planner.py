@@ -213,7 +213,8 @@ def _row(b: int, w: int, measured_at: dict, steps_at: dict, fit: dict, tp: _Thro
 def plan_capacity(runs_df, *, target_accuracy: float, deadline_s: float | None = None,
                   gpu_hour_price: float | None = None, max_gpus: int | None = None,
                   gpus_per_node: int | None = None, gpu_memory_gib: float | None = None,
-                  batch_sizes: Sequence[int] | None = None, comm_model: CommModel | None = None) -> PlanResult:
+                  batch_sizes: Sequence[int] | None = None, comm_model: CommModel | None = None,
+                  comm_notes: Sequence[str] = ()) -> PlanResult:
     """Answer the capacity questions for `target_accuracy` from runs_frame(records, target_accuracy=...)."""
     import pandas as pd
 
@@ -256,7 +257,7 @@ def plan_capacity(runs_df, *, target_accuracy: float, deadline_s: float | None =
     table = table.sort_values(["global_batch_size", "num_gpus"], ignore_index=True)
     result = PlanResult(table=table, target_accuracy=target_accuracy, fit=fit, measured_batches=mb, measured_gpus=mg,
                         deadline_s=deadline_s, gpu_hour_price=gpu_hour_price, gpu_memory_gib=gpu_memory_gib,
-                        assumptions=_assumptions(tp, fit, fit_ok, mem, gpu_memory_gib))
+                        assumptions=_assumptions(tp, fit, fit_ok, mem, gpu_memory_gib) + list(comm_notes))
     _choose(result)
     return result
 
@@ -270,7 +271,8 @@ def _assumptions(tp: _Throughput, fit: dict, fit_ok: bool, mem, gpu_memory_gib) 
            "crossing of the target, evaluation excluded and the first epoch included; extrapolation scales the "
            "measured runs' to-target throughput (samples to target / time to target)",
            f"GPU counts above the measured {_span(tp.w[0], tp.w[-1])}: " + (
-               "efficiency from the communication model given" if tp.comm_model is not None else
+               "efficiency = modelled 1-worker step / modelled step at that count (bench.stepmodel); nothing "
+               "known where the model has no link" if tp.comm_model is not None else
                "nothing known (no communication model): no time is given there"),
            f"per-GPU batch outside measured {tp.b[0]:g}-{tp.b[-1]:g}: step time held below, "
            "samples/s per GPU held above"]

@@ -67,6 +67,25 @@ def _cluster_defaults(records) -> tuple[float | None, int | None, float | None]:
             one((r.worker_env or {}).get("gpu_memory_gib") for r in records))
 
 
+def _comm_model(records, args: argparse.Namespace):
+    """The step model for GPU counts beyond those measured (bench.stepmodel.planner_seam): links
+    from ``--allreduce FILE`` (measured on the system being planned) or the cluster file's
+    ``hardware.interconnect``; gradient bytes from the runs' summaries or ``--gradient-bytes``."""
+    from bench.stepmodel import planner_seam
+
+    measured = None
+    if args.allreduce:
+        from bench.perf.allreduce import load
+
+        try:
+            measured = load(args.allreduce).link(args.allreduce)
+        except (OSError, ValueError) as err:
+            raise UserError(f"--allreduce {args.allreduce}: {' '.join(str(err).split())[:300]}") from None
+    size = _number("--gradient-bytes", args.gradient_bytes, "must be a whole number of bytes >= 1",
+                   lambda v: v >= 1, True)
+    return planner_seam(records, measured=measured, gradient_bytes=size)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -84,12 +103,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if not records:
         raise UserError(f"no runs found under {', '.join(args.results)}", 1)
     price, per_node, memory = _cluster_defaults(records)
+    comm_model, comm_notes = _comm_model(records, args)
     price = opts["gpu_hour_price"] if opts["gpu_hour_price"] is not None else price
     target = opts["target_accuracy"]
     try:
         result = plan_capacity(analysis.runs_frame(records, target_accuracy=target), target_accuracy=target,
                                deadline_s=opts["deadline_s"], gpu_hour_price=price, max_gpus=opts["max_gpus"],
-                               gpus_per_node=opts["gpus_per_node"] or per_node, gpu_memory_gib=memory)
+                               gpus_per_node=opts["gpus_per_node"] or per_node, gpu_memory_gib=memory,
+                               comm_model=comm_model, comm_notes=comm_notes)
     except ValueError as err:
         raise UserError(str(err), 1) from None
     with pd.option_context("display.width", 250, "display.max_columns", None, "display.max_colwidth", 140):
@@ -109,4 +130,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-gpus", help="largest GPU count to consider, >= 1 (default: the largest measured; "
                                       "counts beyond it are listed with nothing known)")
     p.add_argument("--gpus-per-node", help="for node counts, >= 1 (default: the cluster file's)")
+    p.add_argument("--allreduce", help="all-reduce measurements of the planned system (python -m bench.perf "
+                                       "allreduce): the link for GPU counts beyond those measured")
+    p.add_argument("--gradient-bytes", help="gradient bytes per step, for runs that do not record it")
     p.set_defaults(func=cmd_plan)

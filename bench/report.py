@@ -113,7 +113,7 @@ def build_figures(records: list[RunRecord], runs: pd.DataFrame, speed: pd.DataFr
         ("memory", "Memory", lambda: rh.fig_memory(runs, style)),
         ("telemetry", "Telemetry", lambda: rh.fig_telemetry(tele, style)),
         ("lr", "Learning-rate schedule", lambda: rf.fig_lr(an.lr_frame(records), runs, style)),
-        ("capacity", "Capacity plan: time to target against GPUs", lambda: _capacity_figure(runs)),
+        ("capacity", "Capacity plan: time to target against GPUs", lambda: _capacity_figure(runs, records)),
     ]
     out = []
     with matplotlib.rc_context(rf.RC):
@@ -127,21 +127,27 @@ def build_figures(records: list[RunRecord], runs: pd.DataFrame, speed: pd.DataFr
     return out
 
 
-def _capacity_figure(runs: pd.DataFrame) -> rf.FigureResult:
-    """bench.planner on these runs, at each sweep's target: the same numbers `batchscale plan` prints."""
+def _capacity_figure(runs: pd.DataFrame, records) -> rf.FigureResult:
+    """bench.planner on these runs, at each sweep's target: the same numbers `batchscale plan` prints
+    (with the step model of bench.stepmodel where the runs record their gradient size and the
+    cluster file names its interconnect; no all-reduce measurement is passed here)."""
     from bench import planner
+    from bench.stepmodel import planner_seam
 
     title = "Capacity plan: time to target against GPUs"
     if runs["sweep"].nunique() != 1:
         return rf.FigureResult("capacity", title, None, "capacity planning is per sweep; run `batchscale plan` on one")
     target = float(runs["target_accuracy"].dropna().iloc[0])
-    result = planner.plan_capacity(runs, target_accuracy=target)
+    comm_model, comm_notes = planner_seam(records)
+    result = planner.plan_capacity(runs, target_accuracy=target, comm_model=comm_model, comm_notes=comm_notes)
     if result.table is None or not result.table["time_to_target_s"].notna().any():
         return rf.FigureResult("capacity", title, None, result.recommendation or "nothing to plan from")
     recommendation = result.recommendation.replace("\n", "; ").rstrip(".")
     return rf.FigureResult("capacity", title, planner.plan_figure(result),
                            f"At target {target:g}: {recommendation}. Hollow markers are extrapolated; "
-                           "GPU counts beyond the measured ones are not planned (no communication model).")
+                           + ("GPU counts beyond the measured ones use the step model: " + "; ".join(comm_notes)
+                              if comm_model is not None else
+                              "GPU counts beyond the measured ones are not planned (" + "; ".join(comm_notes) + ")."))
 
 
 def _png(fig) -> tuple[str, int, int]:

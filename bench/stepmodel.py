@@ -242,3 +242,32 @@ def model_from_records(records: Sequence[Any], *, gradient_bytes: int, bucket_by
     links = Links(links.intra, links.inter, links.workers_per_node, (*notes, *links.assumptions))
     return fit_step_model(points_from_records(records), gradient_bytes=gradient_bytes, links=links,
                           bucket_bytes=bucket_bytes)
+
+
+def planner_seam(records: Sequence[Any], *, measured: Link | None = None, gradient_bytes: int | None = None
+                 ) -> tuple[Any, list[str]]:
+    """What bench.planner needs for GPU counts beyond those measured: ``(efficiency, notes)``, where
+    ``efficiency(num_gpus, per_gpu_batch)`` is the modelled step at one worker over the modelled
+    step at ``num_gpus`` (None where no link is known), and ``notes`` the model's assumptions.
+    ``gradient_bytes`` defaults to what the runs' summaries recorded; without it there is no model
+    (``(None, [why])``)."""
+    summaries = [r.summary for r in records if getattr(r, "summary", None) is not None]
+    buckets = None
+    if gradient_bytes is None:
+        known = {s.gradient_bytes for s in summaries if s.gradient_bytes}
+        if len(known) != 1:
+            return None, ["no communication model: the runs do not record one gradient size "
+                          "(runs made before 2026-12; give --gradient-bytes)"]
+        gradient_bytes = known.pop()
+        buckets = next((s.gradient_bucket_bytes for s in summaries if s.gradient_bucket_bytes), None)
+    try:
+        model = model_from_records(records, gradient_bytes=int(gradient_bytes), bucket_bytes=buckets,
+                                   measured=measured)
+    except ValueError as err:
+        return None, [f"no communication model: {err}"]
+
+    def efficiency(num_gpus: int, per_gpu_batch: float) -> float | None:
+        one, many = model.predict(per_gpu_batch, 1), model.predict(per_gpu_batch, num_gpus)
+        return None if many.step_s is None or one.step_s is None else one.step_s / many.step_s
+
+    return efficiency, ["communication model (bench.stepmodel, docs/communication.md): " + a for a in model.assumptions]

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from bench import events as ev
 from bench import noise, workloads
+from bench.comm import ddp_bucket_sizes
 from bench.divergence import DivergenceMonitor, Verdict, describe
 from bench.feed import Batch, make_feed
 from bench.hardware import merge_views, rank_view, worker_environment
@@ -135,6 +136,7 @@ class Trainer:
                 model.register_comm_hook(self.noise_hook, noise.ddp_noise_hook)
         self.model = torch.compile(model) if sweep.compile else model
         self.optimizer = build_optimizer(sweep.optimizer, self.raw_model, plan.lr(0))
+        self.gradient_sizes = [p.numel() * p.element_size() for p in self.raw_model.parameters() if p.requires_grad]
         use_bf16 = sweep.precision == "bf16"
         self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
         self.train_step = TrainStep(self.model, self.optimizer, num_workers=plan.num_workers,
@@ -396,7 +398,8 @@ class Trainer:
             target_accuracy=self.sweep.target_accuracy,
             torch_peak_reserved_gib=memory.train_peak_reserved_gib if memory else None,
             torch_peak_allocated_gib=memory.train_peak_allocated_gib if memory else None,
-            memory=memory)
+            memory=memory, gradient_bytes=sum(self.gradient_sizes),
+            gradient_bucket_bytes=ddp_bucket_sizes(self.gradient_sizes))
 
     def close(self) -> None:
         self.feed.close()

@@ -253,3 +253,30 @@ def test_parse_duration_refuses_what_is_not_a_time():
     for text in ("nan", "inf", "-5", "0", "1h-2m"):
         with pytest.raises(ValueError, match="duration"):
             parse_duration_s(text)
+
+
+def test_gpu_counts_beyond_those_measured_use_the_step_model(tmp_path):
+    """Runs that record their gradient bytes, on a cluster file naming its interconnect: the
+    plan gives times beyond the one measured GPU count from bench.stepmodel, and says so;
+    without gradient bytes it says that nothing is known there."""
+    import json
+
+    from bench.stepmodel import planner_seam
+
+    cluster = {"name": "c", "hardware": {"interconnect": "NVLink 4", "gpus_per_node": 8}}
+    sweep = write_sweep(tmp_path, "nv", batches=(16, 64, 256), seeds=(0,), epochs=20, cluster=cluster, v2=True)
+    before = load_results([sweep])
+    assert planner_seam(before)[0] is None and "gradient" in planner_seam(before)[1][0]
+    for summary in sweep.glob("*/summary.json"):
+        data = json.loads(summary.read_text())
+        summary.write_text(json.dumps({**data, "gradient_bytes": 4_000_000}))
+    records = load_results([sweep])
+    model, notes = planner_seam(records)
+    assert 0 < model(2, 32) < 1 and model(8, 32) < model(2, 32)  # more workers: a longer all-reduce
+    runs = analysis.runs_frame(records, target_accuracy=0.8)
+    result = plan_capacity(runs, target_accuracy=0.8, max_gpus=4, comm_model=model, comm_notes=notes)
+    beyond = result.table[result.table["num_gpus"] == 4]
+    assert beyond["time_to_target_s"].notna().all()
+    assert any("NVLink" in a for a in result.assumptions)
+    plain = plan_capacity(runs, target_accuracy=0.8, max_gpus=4)
+    assert plain.table[plain.table["num_gpus"] == 4]["time_to_target_s"].isna().all()

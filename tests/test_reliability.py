@@ -450,21 +450,6 @@ def test_report_escapes_text_from_the_config(results_folder: Path, tmp_path: Pat
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # the description is shown, as text
 
 
-# --- the soak script's verdict (bench/soak.py; the soak itself is run by hand) --------------------
-
-def test_soak_verdict_flags_growth_but_not_noise():
-    from bench.soak import Sample, leaks
-
-    base = Sample(round=1, elapsed_s=20.0, rss_mib=400.0, num_fds=36, num_threads=27, live_actors=3, ray_processes=7)
-    noise = Sample(round=90, elapsed_s=1800.0, rss_mib=430.0, num_fds=40, num_threads=27, live_actors=4,
-                   ray_processes=7)
-    leaky = Sample(round=90, elapsed_s=1800.0, rss_mib=700.0, num_fds=126, num_threads=27, live_actors=93,
-                   ray_processes=97)
-    assert leaks(base, noise, max_rss_growth_pct=50) == []
-    assert [p.split(" grew")[0] for p in leaks(base, leaky, max_rss_growth_pct=50)] == [
-        "RSS", "open file descriptors", "live Ray actors"]
-
-
 # --- driver interruption (starts Ray in a subprocess) -------------------------------------------
 
 # Runs go in batch order. The first and second runs are both capped at max_steps (6000 steps,

@@ -6,7 +6,7 @@ per-worker batches (the packaged ``comm-validate`` sweep), and the all-reduce fi
 ``python -m bench.perf allreduce`` wrote on the same machine. Per run: seconds per optimizer
 step from its ``epoch_stop`` lines (``bench.stepmodel.step_time_from_events``: first epoch out,
 evaluation out), mean over seeds. Gradient bytes and DDP's buckets from the sweep's model built
-as the worker builds it (``bench.memstep.input_spec`` + ``bench.models.build_model``).
+as the worker builds it (``bench.memprobe.device.input_spec`` + ``bench.models.build_model``).
 
 For each multi-worker (b, W) with a 1-worker run at the same per-worker batch b, two predictions
 (``bench.stepmodel``):
@@ -56,7 +56,7 @@ def gradient_buckets(config: dict) -> list[int]:
     """The bytes of each trainable parameter's gradient, in ``model.parameters()`` order, for the
     sweep's model on the workload's input shape."""
     from bench.config import SweepConfig
-    from bench.memstep import input_spec
+    from bench.memprobe.device import input_spec
     from bench.models import build_model
 
     sweep = SweepConfig.model_validate(config)

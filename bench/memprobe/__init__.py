@@ -1,19 +1,19 @@
-"""Memory probe command: ``batchscale probe-memory SWEEP``, the largest per-GPU micro-batch a
-sweep's training step fits in.
+"""The memory probe: ``batchscale probe-memory SWEEP`` finds the largest per-GPU micro-batch a
+sweep's training step fits in, and ``max_micro_batch_size: auto`` reads what it found
+(``micro_batch_for_auto``).
 
 Owns: ``register`` (the ``probe-memory`` parser) and ``cmd_probe_memory``: the arguments and
 their checks (device, CPU / GPU memory cap, start and max batch, safety margin, repeats), one
 progress line per try, the summary it prints (largest fit, the fit and its prediction, a
 warning when an evaluation chunk does not fit, each per-worker batch's choice for ``auto``) and
-where the probe file goes (``RESULTS_DIR/<sweep>/memory-probe.json`` unless ``-o``).
+where the probe file goes (``RESULTS_DIR/<sweep>/memory-probe.json`` unless ``-o``). A CPU probe
+fixes glibc's mmap threshold in this process before torch is imported (docs/memory-probe.md).
 
-The probe itself: bench.memfit (pure: search, fit, choice for ``auto``, the probe file),
-bench.memmeasure (``probe()``: the tries, out-of-memory handling, the budget), bench.memstep
-(the training step a try runs and how its peak memory is measured). Their docstrings record
-what is measured and how.
+Its parts: ``fit`` (pure: search, fit, choice, the file), ``device`` (``probe()``: the worker's
+step tried on a device), ``meter`` (how a try's peak is read).
 
-Must not import: ray, pandas; torch and bench.memmeasure only inside ``cmd_probe_memory``
-(bench.cli imports this module to build its parser, for every ``batchscale`` command).
+Must not import: ray, pandas; torch and bench.memprobe.device only inside ``cmd_probe_memory``
+(bench.cli imports this package to build its parser, for every ``batchscale`` command).
 """
 
 from __future__ import annotations
@@ -23,17 +23,23 @@ import sys
 from pathlib import Path
 
 from bench.errors import EXIT_FAILED, ConfigError, UserError
-from bench.memfit import (DEFAULT_RESOLUTION, DEFAULT_SAFETY_MARGIN, Try, default_output, format_mib as _mib,
-                          micro_batch_per_worker_batch, nothing_fits, write_probe)
+from bench.memprobe.fit import (DEFAULT_RESOLUTION, DEFAULT_SAFETY_MARGIN, ProbeMismatch, Try, default_output,
+                                format_mib as _mib, micro_batch_for_auto, micro_batch_per_worker_batch, nothing_fits,
+                                write_probe)
+from bench.memprobe.meter import fix_mmap_threshold
+
+__all__ = ["ProbeMismatch", "cmd_probe_memory", "micro_batch_for_auto", "register"]
 
 GIB = 2**30
 
 
 def cmd_probe_memory(args: argparse.Namespace) -> int:
+    if args.device != "cuda":  # a CPU probe may follow: before torch and the data come and go
+        fix_mmap_threshold()
     import torch
 
     from bench.config import load_sweep
-    from bench.memmeasure import probe
+    from bench.memprobe.device import probe
 
     try:
         sweep, sweep_path = load_sweep(args.sweep)

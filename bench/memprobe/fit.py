@@ -1,4 +1,4 @@
-"""Memory probe, the pure side: search, linear fit, micro-batch choice and the probe file.
+"""The memory probe's arithmetic and its file: search, linear fit, micro-batch choice and the probe file.
 
 Owns: the search (``search``: doubling from ``start`` until a step runs out of memory, then
 bisection between the last fit and the first failure), the linear fit
@@ -11,8 +11,6 @@ refuses one made for a different model / precision / optimizer; ``micro_batch_fo
 ``batchscale run`` reads for ``max_micro_batch_size: auto``).
 
 Must not import: torch, ray, pandas (``batchscale run`` imports this module to plan a sweep).
-The measurement lives in bench.memmeasure (``probe()``) and bench.memstep (the step a try
-runs), the command in bench.memprobe.
 
 Choice for ``max_micro_batch_size: auto`` (``micro_batch_per_worker_batch``): each per-worker
 batch P runs whole when P <= the measured largest fit, else as P / M micro-batches of M, the

@@ -1,7 +1,7 @@
 """Soak test (a script, not a CI test): many short sweeps in one driver process, watching for leaks.
 
-    python -m bench.soak --minutes 30      # the real soak
-    python -m bench.soak --minutes 1       # a quick check that it works
+    python tools/soak.py --minutes 30      # the real soak
+    python tools/soak.py --minutes 1       # a quick check that it works
 
 One ``ray.init`` (through ``bench.launcher.connect``), then round after round of a tiny blobs
 sweep, each into a new results folder, until the time is up. The driver's resident memory,
@@ -13,8 +13,14 @@ Exit codes: 0 healthy; 1 a run failed, RSS grew by more than ``--max-rss-growth-
 baseline, or file descriptors / live actors kept growing (``leaks()`` says what counts as
 growing); 2 bad arguments; 130 interrupted.
 
-Owns: nothing the benchmark uses. It reads Ray's actor table directly (``_live_actors``) as a
-diagnostic; everything that starts or stops Ray still goes through ``bench.launcher``.
+Live actors come from Ray's public state API (``ray.util.state.list_actors``) where it answers;
+it needs Ray's dashboard (``ray[default]``), which a local Ray started by ``bench.launcher``
+does not run, so there they are this driver's own Ray worker processes that hold an actor
+(``actor_processes``: titled ``ray::<Class>``, where an idle worker is ``ray::IDLE``). The
+first reading says which.
+
+Owns: nothing the benchmark uses; a lab tool beside the package (``bench`` does not import it).
+Everything that starts or stops Ray goes through ``bench.launcher``.
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script (python tools/soak.py): bench from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psutil
 
@@ -37,7 +46,7 @@ from bench.config import ClusterConfig, SweepConfig, default_cluster
 # Two runs of a few epochs each: the shortest sweep that still goes through every driver step
 # (claim, lock, prepare, one worker group, telemetry, summaries).
 SOAK_SWEEP = dict(
-    name="soak", description="bench.soak round", workload="blobs",
+    name="soak", description="tools/soak.py round", workload="blobs",
     lr=dict(reference_lr=0.05, reference_batch_size=100, scaling="linear"),
     epochs=3, global_batch_sizes=[100, 250], num_workers=[1], seeds=[0], target_accuracy=0.5,
 )
@@ -54,8 +63,8 @@ class Sample:
     rss_mib: float
     num_fds: int
     num_threads: int
-    live_actors: int | None  # None: Ray's actor table could not be read
-    ray_processes: int  # processes named ray::* (idle workers, trainer workers, controllers)
+    live_actors: int | None  # None: not counted (before Ray starts)
+    ray_processes: int  # this driver's ray::* processes (idle workers, agents, trainer workers, controllers)
 
     HEADER = "round  elapsed_s  rss_mib  fds  threads  live_actors  ray_procs"
 
@@ -65,41 +74,59 @@ class Sample:
                 f"{self.num_threads:7d}  {actors:>11}  {self.ray_processes:9d}  {label}").rstrip()
 
 
-def _live_actors() -> int | None:
-    """Live actors in the cluster, from the GCS actor table (works without the dashboard, which
-    bench.launcher leaves off); the state API as a fallback. None if neither answers."""
-    try:
-        import ray._private.state as ray_state
+# Ray's own per-node processes that are neither tasks nor actors (titles as of Ray 2.60)
+RAY_SYSTEM_TITLES = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
-        return sum(1 for a in ray_state.actors().values() if a.get("State") == "ALIVE")
-    except Exception:  # noqa: BLE001 - a private API: any failure means "unknown", not a crash
-        pass
+
+def _own_ray_titles() -> list[str]:
+    """Titles of the ``ray::*`` processes under this driver (the local Ray it started: its
+    raylet's workers and agents), not those of other Ray instances on the machine."""
+    titles = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmd, name = proc.cmdline(), proc.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        title = cmd[0] if cmd and cmd[0].startswith("ray::") else name
+        if title.startswith("ray::"):
+            titles.append(title.split()[0])
+    return titles
+
+
+def actor_processes() -> int:
+    """This driver's Ray worker processes that hold an actor (between rounds no task runs, so
+    every busy worker is an actor's)."""
+    return sum(1 for t in _own_ray_titles() if t not in RAY_SYSTEM_TITLES)
+
+
+def state_api_actors() -> Optional[int]:
+    """Live actors of the connected cluster from Ray's public state API; None where it does not
+    answer (no dashboard: ray[default] missing, or a local Ray started without it)."""
     try:
+        import ray
         from ray.util.state import list_actors
 
-        return len(list_actors(filters=[("state", "=", "ALIVE")], limit=10_000))
-    except Exception:  # noqa: BLE001
+        address = ray.get_runtime_context().gcs_address
+        return len(list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=10_000,
+                               raise_on_missing_output=False))
+    except Exception:  # noqa: BLE001 - any failure means this source is unavailable, not a crash
         return None
 
 
-def _ray_processes() -> int:
-    count = 0
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        try:
-            cmd = proc.info["cmdline"] or []
-            if (proc.info["name"] or "").startswith("ray::") or (cmd and cmd[0].startswith("ray::")):
-                count += 1
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return count
+def actor_counter() -> tuple[Callable[[], Optional[int]], str]:
+    """The live-actor count this soak uses throughout, and what it is."""
+    if state_api_actors() is not None:
+        return state_api_actors, "live actors from the Ray state API (ray.util.state.list_actors)"
+    return actor_processes, ("live actors = this driver's Ray actor processes (the Ray state API needs the "
+                             "dashboard, which this Ray does not run)")
 
 
-def sample(round_: int, t0: float) -> Sample:
+def sample(round_: int, t0: float, live_actors: Callable[[], Optional[int]] = lambda: None) -> Sample:
     gc.collect()  # count what is really held, not garbage waiting for a collection
     me = psutil.Process()
     return Sample(round=round_, elapsed_s=time.monotonic() - t0, rss_mib=me.memory_info().rss / 2**20,
-                  num_fds=me.num_fds(), num_threads=me.num_threads(), live_actors=_live_actors(),
-                  ray_processes=_ray_processes())
+                  num_fds=me.num_fds(), num_threads=me.num_threads(), live_actors=live_actors(),
+                  ray_processes=len(_own_ray_titles()))
 
 
 def leaks(baseline: Sample, end: Sample, max_rss_growth_pct: float) -> list[str]:
@@ -140,16 +167,18 @@ def soak(minutes: float, report_every: int, max_rss_growth_pct: float, root: Pat
     print(Sample.HEADER)
     print(sample(0, t0).line("start (before Ray)"), flush=True)
     launcher.connect(cluster, max(sweep.num_workers))
+    live_actors, what = actor_counter()
+    print(f"soak: {what}", flush=True)
     round_, baseline, failures = 0, None, []
     while round_ == 0 or time.monotonic() < deadline:
         round_ += 1
         failures += [f"round {round_}: {rid}" for rid in one_round(sweep, cluster, root, round_, keep)]
         if round_ == 1:
-            baseline = sample(round_, t0)
+            baseline = sample(round_, t0, live_actors)
             print(baseline.line("baseline (after round 1)"), flush=True)
         elif round_ % report_every == 0 and time.monotonic() < deadline:  # the end line follows anyway
-            print(sample(round_, t0).line(), flush=True)
-    end = sample(round_, t0)
+            print(sample(round_, t0, live_actors).line(), flush=True)
+    end = sample(round_, t0, live_actors)
     print(end.line("end"), flush=True)
     problems = leaks(baseline, end, max_rss_growth_pct) if round_ > 1 else []
     problems += [f"run not successful: {f}" for f in failures]
@@ -161,7 +190,7 @@ def soak(minutes: float, report_every: int, max_rss_growth_pct: float, root: Pat
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python tools/soak.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="how long to keep starting rounds (default 30)")
     parser.add_argument("--report-every", type=int, default=10, help="print a reading every N rounds (default 10)")
     parser.add_argument("--max-rss-growth-pct", type=float, default=50.0,
