@@ -17,6 +17,8 @@ Layout of one run folder::
         events.jsonl       event log (bench.events), rank 0
         telemetry-rank<R>.csv  sampler rows per worker (bench.telemetry), written in chunks
         summary.json       written last, atomically: its presence marks the run complete
+        checkpoint.pt      while a run is in progress with checkpoints on: rank 0's last state
+                           (bench.launcher writes it atomically and deletes it when the run completes)
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import yaml
 from pydantic import ValidationError
@@ -48,6 +50,7 @@ CONFIG = "config.yaml"
 CLUSTER = "cluster.yaml"
 ENV = "env.json"
 WORKER_ENV = "worker_env.json"
+CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"
 SWEEP_MARK = "sweep.json"  # name + config hash of the sweep that owns this folder
 
@@ -120,6 +123,26 @@ class RunDir:
 
     def is_complete(self) -> bool:
         return self.summary_path.is_file()
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT
+
+    def write_checkpoint(self, write: Callable[[BinaryIO], None]) -> None:
+        """Replace checkpoint.pt with what ``write(fh)`` writes, atomically (temp file in the run
+        folder + fsync + rename): a restarted worker group finds the previous checkpoint or this
+        one, never part of one. The file stays 0600: only the run's own workers read it back."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT}.", suffix=".tmp", dir=self.path)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.checkpoint_path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def prepare(self, *, config: dict, cluster: dict, run_plan: dict, env: dict) -> None:
         """Start (or restart) this run from scratch: clear what an interrupted attempt left,

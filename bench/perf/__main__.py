@@ -13,6 +13,7 @@ SCRIPTS = {
     "loader": "bench.perf.loader",  # streamed ImageNet pipeline: images/s per DataLoader process
     "allreduce": "bench.perf.allreduce",  # all-reduce busbw and latency per message size, nccl-tests style
     "validate-comm": "bench.perf.validate_comm",  # 2-worker step time predicted from 1-worker runs vs measured
+    "checkpoint-cost": "bench.perf.checkpoint_cost",  # the same sweep without / with checkpoints, A B B A
 }
 
 
