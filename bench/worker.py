@@ -59,7 +59,6 @@ class WorkerContext:
     # False once the driver that started this run is gone: the summary is then not written,
     # so the run stays incomplete and the next `batchscale run` redoes it.
     driver_alive: Callable[[], bool] | None = None
-    fault: str | None = None  # legacy BATCHSCALE_FAULT value; replaced by after_epoch (bench.faults)
 
     @property
     def distributed(self) -> bool:
@@ -374,8 +373,6 @@ class Trainer:
             ctx.save_checkpoint(self.plan.run_id, self.state(epoch) if ctx.rank == 0 else None)
         if ctx.after_epoch is not None:
             ctx.after_epoch(self.plan.run_id, epoch, bool(self.restored), ctx.rank, ctx.world_size)
-        elif ctx.fault:
-            _legacy_fault(ctx.fault, self.plan.run_id, epoch, bool(self.restored), ctx.rank, ctx.world_size)
 
     def summary(self, status: str, failure: Failure | None, epoch: int) -> RunSummary:
         p, m = self.plan, self.metrics
@@ -405,17 +402,6 @@ class Trainer:
         self.feed.close()
         if self.log is not None:
             self.log.close()
-
-
-def _legacy_fault(fault: str, run_id: str, epoch: int, restored: bool, rank: int, world_size: int) -> None:
-    """BATCHSCALE_FAULT as the launcher passed it before bench.faults existed (to be removed)."""
-    import os
-
-    if fault == f"{run_id}:{epoch}:stall":
-        time.sleep(600.0)
-    if fault == f"{run_id}:{epoch}" and not restored and rank == world_size - 1:
-        time.sleep(max(10.0, 2.5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0))))
-        os._exit(17)
 
 
 def _finite(x: float | None) -> float | None:
