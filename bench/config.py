@@ -387,16 +387,25 @@ def _where(loc: tuple) -> str:
             out += " (a key)"
         else:
             out += ("." if out else "") + str(part)
-    return out or "(top level)"
+    return out
+
+
+def _got(e: dict) -> str:
+    """What the user wrote instead: a short word for a refused choice, else its kind."""
+    value = e.get("input")
+    if e["type"] == "literal_error" and isinstance(value, str) and len(value) <= 40 and value.isprintable():
+        return repr(value)
+    return _kind(value)
 
 
 def _first_error(err: ValidationError) -> str:
     e = err.errors()[0]
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] in _TYPE_ERRORS:
-        msg += f" (got {_kind(e.get('input'))})"
+        msg += f" (got {_got(e)})"
     more = len(err.errors()) - 1
-    return f"{_where(e['loc'])}: {msg}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+    where = _where(e["loc"])
+    return (f"{where}: " if where else "") + msg + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

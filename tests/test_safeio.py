@@ -99,76 +99,54 @@ def test_not_utf8_and_not_json_name_no_content(root: Path):
             root / "bad.json", root=root)
 
 
+def before_open(monkeypatch, target: Path, action) -> None:
+    """Run ``action()`` when ``target`` is about to be opened: after safeio checked the path, as
+    another process could (the time-of-check / time-of-use window)."""
+    real_open = os.open
+
+    def wrapped(path, flags, *a):
+        if Path(path) == target:
+            action()
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", wrapped)
+
+
 def test_a_file_swapped_for_a_link_after_the_check_is_refused(root: Path, tmp_path: Path, monkeypatch):
     """TOCTOU: the path is checked, then opened with O_NOFOLLOW and the opened file checked again."""
     target = root / "ok.json"
-    real_open = os.open
-
-    def swap_then_open(path, flags, *a):
-        if Path(path) == target and not target.is_symlink():
-            target.unlink()
-            target.symlink_to(tmp_path / "outside.json")
-        return real_open(path, flags, *a)
-
-    monkeypatch.setattr(os, "open", swap_then_open)
+    before_open(monkeypatch, target, lambda: (target.unlink(), target.symlink_to(tmp_path / "outside.json")))
     refused(r"ok.json: cannot read", safeio.read_json, target, root=root)
 
 
 def test_a_file_replaced_after_the_check_is_refused(root: Path, monkeypatch):
-    target = root / "ok.json"
-    real_open = os.open
-
-    def replace_then_open(path, flags, *a):
-        if Path(path) == target:
-            other = root / "other.json"
-            other.write_text(f'"{SECRET}"')
-            os.replace(other, target)  # a different inode under the same name
-        return real_open(path, flags, *a)
-
-    monkeypatch.setattr(os, "open", replace_then_open)
+    target, other = root / "ok.json", root / "other.json"
+    other.write_text(f'"{SECRET}"')
+    before_open(monkeypatch, target, lambda: os.replace(other, target))  # another inode, same name
     refused(r"ok.json: changed while being opened", safeio.read_json, target, root=root)
 
 
 def test_a_fifo_swapped_in_after_the_check_does_not_block(root: Path, monkeypatch):
     target = root / "ok.json"
-    real_open = os.open
-
-    def fifo_then_open(path, flags, *a):
-        if Path(path) == target and target.is_file():
-            target.unlink()
-            os.mkfifo(target)
-        return real_open(path, flags, *a)  # O_NONBLOCK: returns at once
-
-    monkeypatch.setattr(os, "open", fifo_then_open)
+    before_open(monkeypatch, target, lambda: (target.unlink(), os.mkfifo(target)))  # O_NONBLOCK: no wait
     refused(r"ok.json: changed while being opened", safeio.read_json, target, root=root)
 
 
 def test_a_file_that_grows_after_the_size_check_is_refused(root: Path, monkeypatch):
     target = root / "ok.json"
     monkeypatch.setitem(safeio.LIMITS, "json", 64)
-    real_open = os.open
-
-    def grow_then_open(path, flags, *a):
-        if Path(path) == target:
-            with open(target, "a") as fh:
-                fh.write(" " * 100)
-        return real_open(path, flags, *a)
-
-    monkeypatch.setattr(os, "open", grow_then_open)
+    before_open(monkeypatch, target, lambda: target.write_text(" " * 100))
     refused(r"ok.json: is above the 64-byte limit", safeio.read_json, target, root=root)
 
 
 def test_an_unreadable_file_is_named(root: Path, monkeypatch):
     """chmod 000 means nothing to root, so the refusal is simulated where the OS would give it."""
     target = root / "ok.json"
-    real_open = os.open
 
-    def denied(path, flags, *a):
-        if Path(path) == target:
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_open(path, flags, *a)
+    def denied():
+        raise PermissionError(13, "Permission denied", str(target))
 
-    monkeypatch.setattr(os, "open", denied)
+    before_open(monkeypatch, target, denied)
     refused(r"ok.json: cannot read \(Permission denied\)", safeio.read_json, target, root=root)
 
 
