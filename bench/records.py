@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from bench import safeio
 from bench.events import iter_events
+from bench.schema import kind
 from bench.store import (CLUSTER, CONFIG, ENV, EVENTS, RUN_PLAN, SUMMARY, WORKER_ENV, RunDir, RunSkipped,
                          find_sweep_dirs, is_dir, present)
 from bench.summary import RunSummary
@@ -103,13 +104,8 @@ def _validated(model: Any, data: Any, path: Path) -> Any:
 
 def _mapping(data: Any, path: Path) -> dict:
     if not isinstance(data, dict):
-        raise ValueError(f"{path.name}: expected a mapping, got {_kind(data)}")
+        raise ValueError(f"{path.name}: expected a mapping, got {kind(data)}")
     return data
-
-
-def _kind(data: Any) -> str:
-    return "null" if data is None else {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
-                                        int: "a number", float: "a number"}.get(type(data), type(data).__name__)
 
 
 @functools.lru_cache(maxsize=1)

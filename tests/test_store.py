@@ -117,7 +117,7 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
     "run.json is a list": (_write("run.json", "[]"), r"^run\.json: expected a mapping, got a list"),
     "run.json string batch": (_replace_plan(global_batch_size="4"), r"^run\.json: not a run plan \(global_batch_size"),
     "run.json unknown key": (_replace_plan(surprise=1), r"^run\.json: not a run plan \(1 unknown key"),
-    "env.json is a number": (_write("env.json", "42"), r"^env\.json: expected a mapping, got a number"),
+    "env.json is a number": (_write("env.json", "42"), r"^env\.json: expected a mapping, got an integer"),
     "events garbled mid-file": (lambda run: _write("events.jsonl", (run / "events.jsonl").read_bytes()
                                                    .replace(b"\n", b"\n\x00garbage\n", 1))(run),
                                 r"^events\.jsonl:2: broken event line"),
