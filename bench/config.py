@@ -217,7 +217,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
     path = Path(path)
     target = Path(os.path.realpath(path)) if path.is_symlink() else path
     try:
-        data = safeio.parse_yaml(safeio.read_text(target, "config"), path=path, max_nodes=MAX_YAML_VALUES)
+        data = safeio.parse_yaml(safeio.read_text(target, "config"), path=path, max_nodes=MAX_YAML_VALUES,
+                                 name_keys=True)
     except safeio.UnsafeFile as err:
         raise ConfigError(f"{path}: {err.reason}") from None
     if not isinstance(data, dict):

@@ -210,10 +210,13 @@ class _BoundedLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ig
         return super().construct_mapping(node, deep)
 
 
-def parse_yaml(text: str, *, path: Path | str, max_nodes: int = 100_000, max_depth: int = 50) -> Any:
+def parse_yaml(text: str, *, path: Path | str, max_nodes: int = 100_000, max_depth: int = 50,
+               name_keys: bool = False) -> Any:
     """Safe-load YAML text read from ``path`` (no Python objects, no duplicate keys, at most
     ``max_nodes`` values and ``max_depth`` levels, also after aliases are expanded). Raises
-    UnsafeFile naming ``path``."""
+    UnsafeFile naming ``path`` and the line, never the content: a key given twice is named only
+    with ``name_keys`` (a config file the user wrote and named on the command line), and then only
+    when it is a plain word."""
     loader = _BoundedLoader(text)
     loader.max_nodes, loader.max_depth = max_nodes, max_depth
     try:
@@ -221,7 +224,8 @@ def parse_yaml(text: str, *, path: Path | str, max_nodes: int = 100_000, max_dep
     except _TooLarge as err:
         raise _refuse(path, f"{err}; refused") from None
     except _DuplicateKey as err:
-        name = f"key {err.key!r}" if isinstance(err.key, str) and _PLAIN_KEY.match(err.key) else "a key"
+        plain = name_keys and isinstance(err.key, str) and _PLAIN_KEY.match(err.key)
+        name = f"key {err.key!r}" if plain else "a key"
         raise _refuse(path, f"line {err.line}: {name} is given twice (first on line {err.first_line}); "
                             "give each key once") from None
     except yaml.YAMLError as err:

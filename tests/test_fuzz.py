@@ -12,9 +12,11 @@ What "valid" means comes from the public loaders (``load_sweep``/``load_cluster`
 ``resolve_micro_batch`` + ``plan_sweep``, the same calls `run` makes), which may raise only
 ConfigError / PlanError.
 
-These tests cannot flake: hypothesis runs derandomized (the examples are a fixed function of
-the test's source and hypothesis' version, so CI and a laptop try the same files), with a
-bounded number of examples, no per-example deadline and no timing health check. No
+These tests cannot flake: hypothesis runs derandomized, with a bounded number of examples, no
+per-example deadline and no timing health check, so the same test command tries the same files
+every time. (The examples are a function of the test's source, hypothesis' version and the
+project modules imported in the session -- hypothesis also draws constants from those -- so a
+single file run alone tries a different, equally fixed, set than the whole suite does.) No
 ``.hypothesis/`` folder is written (``database=None``); a failure prints the example and a
 ``@reproduce_failure`` blob, and reruns identically.
 """

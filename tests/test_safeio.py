@@ -154,10 +154,16 @@ def test_an_unreadable_file_is_named(root: Path, monkeypatch):
 
 def test_yaml_duplicate_keys_are_refused_with_their_line(tmp_path: Path):
     path = tmp_path / "c.yaml"
+    path.write_text(f"{SECRET}: 3\n{SECRET}: 4\n")
+    # A stored or submitted file: the line only, never a key (it is content).
+    refused(r"c.yaml: line 2: a key is given twice \(first on line 1\)", safeio.read_yaml, path)
     path.write_text("name: a\nepochs: 3\nlr:\n  reference_lr: 0.1\n  reference_lr: 0.2\n")
-    refused(r"c.yaml: line 5: key 'reference_lr' is given twice \(first on line 4\)", safeio.read_yaml, path)
+    # A config file the user names: a plain-word key is named, anything else is not.
+    text = path.read_text()
+    refused(r"c.yaml: line 5: key 'reference_lr' is given twice \(first on line 4\)", safeio.parse_yaml, text,
+            path=path, name_keys=True)
     path.write_text(f"a: 1\n'{SECRET} with spaces': 1\n'{SECRET} with spaces': 2\n")
-    refused(r"line 3: a key is given twice", safeio.read_yaml, path)  # an odd key is not echoed
+    refused(r"line 3: a key is given twice", safeio.parse_yaml, path.read_text(), path=path, name_keys=True)
     path.write_text("1: a\ntrue: b\n")  # equal once loaded (Python: True == 1): also twice
     refused(r"given twice", safeio.read_yaml, path)
 

@@ -4,7 +4,8 @@ Each class of damage a run folder meets in practice (a crash, a full disk, a bad
 edit, a hostile submission) is tested on its own first, then hypothesis combines them at random
 on a real run folder: ``load_results`` returns every run, marks a damaged one with a reason
 that names the file (never its content), and ``batchscale results`` lists it as damaged
-without a traceback. Deterministic (derandomized, bounded examples, no timing checks)."""
+without a traceback. Deterministic as tests/test_fuzz.py is (derandomized, bounded examples, no
+timing checks)."""
 
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
                                    r"^config\.yaml: expected a mapping, got a string"),
     "config.yaml invalid sweep": (_write("config.yaml", "name: s\nepochs: true\n"), r"^config\.yaml: "),
     "config.yaml duplicate key": (lambda run: _write("config.yaml", (run / "config.yaml").read_text()
-                                                     + "epochs: 3\n")(run), r"^config\.yaml: line \d+: key 'epochs'"),
+                                                     + "epochs: 3\n")(run), r"^config\.yaml: line \d+: a key is given twice"),
     "cluster.yaml is a list": (_write("cluster.yaml", "- 1\n"), r"^cluster\.yaml: expected a mapping, got a list"),
     "run.json is a list": (_write("run.json", "[]"), r"^run\.json: expected a mapping, got a list"),
     "run.json string batch": (_replace_plan(global_batch_size="4"), r"^run\.json: not a run plan \(global_batch_size"),
