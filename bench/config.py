@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -38,6 +37,7 @@ __all__ = ["ClusterConfig", "HardwareConfig", "LRConfig", "OptimizerConfig", "Sw
 PACKAGED_SWEEPS = Path(__file__).parent / "sweeps"
 MAX_YAML_BYTES = safeio.LIMITS["config"]  # a sweep file is a few KB; larger files are refused unread
 MAX_YAML_VALUES = 10_000  # a sweep file has a few hundred; a flat list of 300,000 is refused in milliseconds
+MAX_EPOCHS = 100_000
 
 
 
@@ -80,8 +80,8 @@ class LRConfig(StrictModel):
     @field_validator("step_milestones_epochs")
     @classmethod
     def _ascending(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        if not all(0 < m < math.inf for m in v) or list(v) != sorted(v):
-            raise ValueError("milestones must be positive and ascending")
+        if not all(0 < m <= MAX_EPOCHS for m in v) or list(v) != sorted(v):
+            raise ValueError(f"milestones must be ascending epochs in (0, {MAX_EPOCHS}]")
         return v
 
 
@@ -99,7 +99,7 @@ class SweepConfig(StrictModel):
     optimizer: OptimizerConfig = OptimizerConfig()
     lr: LRConfig
     label_smoothing: Float = Field(0.0, ge=0.0, lt=1.0)
-    epochs: Int = Field(gt=0, le=100_000)
+    epochs: Int = Field(gt=0, le=MAX_EPOCHS)
     max_steps: Optional[Int] = Field(None, gt=0, le=100_000_000, description="step budget; stops earlier")
     global_batch_sizes: list[Int] = Field(min_length=1, max_length=64)
     num_workers: list[Int] = Field([1], min_length=1, max_length=16)

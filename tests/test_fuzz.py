@@ -272,7 +272,7 @@ def assert_nothing_coerced(raw: Any, kept: Any, where: str = "") -> None:
         for i, (a, b) in enumerate(zip(raw, kept)):
             assert_nothing_coerced(a, b, f"{where}[{i}]")
     elif isinstance(kept, float) and type(raw) is int:
-        assert kept == raw, where
+        assert kept == float(raw), where
     else:
         assert type(raw) is type(kept) and raw == kept, (where, raw, kept)
 
