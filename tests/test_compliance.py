@@ -157,9 +157,9 @@ def test_check_memory_on_a_sparse_log_stays_small(pkg):
 @pytest.mark.parametrize("name, content, says", [
     ("summary.json", "[1, 2]", "summary.json: (top level): Input should be a valid dictionary"),
     ("summary.json", '"hello"', "summary.json: (top level): Input should be a valid dictionary"),
-    ("config.yaml", "just a string\n", "config.yaml: expected a mapping, got str"),
-    ("run.json", "[1, 2, 3]", "run.json: expected a mapping, got list"),
-    ("env.json", "5", "env.json: expected a mapping, got int"),
+    ("config.yaml", "just a string\n", "config.yaml: expected a mapping, got a string"),
+    ("run.json", "[1, 2, 3]", "run.json: expected a mapping, got a list"),
+    ("env.json", "5", "env.json: expected a mapping, got an integer"),
     ("summary.json", '{"run_id": ', "summary.json: is not valid JSON (JSONDecodeError: line 1 column 12)"),
 ])
 def test_wrong_shaped_run_file_is_one_violation_naming_it(pkg, name, content, says):

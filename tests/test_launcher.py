@@ -91,9 +91,10 @@ def _forbid_ray(monkeypatch) -> None:
     ("use_gpu: true\nbackend: nccl\n", "has no 'GPU' resource at all"),
     ("resources_per_worker: {CPU: 1, foo: 1}\n", "has no 'foo' resource at all (it has CPU); a custom resource "
      "needs a cluster whose nodes declare it (`ray start --resources`)"),
-    ("resources_per_worker: {CPU: 1, TPU: 1}\n", "has no 'TPU' resource"),
+    # These two are contradictions within the cluster file: refused earlier, at validation (exit 2).
+    ("resources_per_worker: {CPU: 1, TPU: 1}\n", "resources_per_worker: TPU: batchscale runs workers on CPUs or GPUs"),
     ("local_num_cpus: 1\nresources_per_worker: {CPU: 2}\n",
-     "1 worker x 2 CPU = 2 CPU, but a local Ray on this machine has 1 CPU"),
+     "resources_per_worker.CPU is 2 but local_num_cpus is 1: not even one worker fits in the local Ray"),
 ], ids=["use-gpu", "nccl", "custom", "tpu", "cpus"])
 def test_a_local_ray_that_could_not_hold_the_workers_is_refused_before_it_starts(
         cluster_yaml, expect, tmp_path: Path, capsys, monkeypatch):
@@ -104,8 +105,11 @@ def test_a_local_ray_that_could_not_hold_the_workers_is_refused_before_it_starts
     cluster = write_yaml(tmp_path / "c.yaml", "name: c\n" + cluster_yaml)
     code = main(["run", str(sweep), "--cluster", str(cluster), "--results-dir", str(tmp_path / "r")])
     err = capsys.readouterr().err
-    assert code == 1 and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("batchscale: error: cluster 'c': cannot start 1 worker: ") and expect in err
+    assert len(err.strip().splitlines()) == 1 and expect in err, err
+    if expect.startswith("resources_per_worker"):
+        assert code == 2 and err.startswith(f"batchscale: error: {cluster}: ")
+    else:
+        assert code == 1 and err.startswith("batchscale: error: cluster 'c': cannot start 1 worker: ")
     assert not (tmp_path / "r").exists()  # nothing written, no lock taken
 
 

@@ -113,7 +113,7 @@ def test_target_override_empty_and_corrupt(tmp_path):
     # (before, it was dropped without a trace: the report never showed it).
     assert "gbs000004-w001-s1" in page
     failures = page.split("<h2>Failed, diverged")[1].split("<h2>Figures")[0]
-    assert "gbs000004-w001-s0" in failures and "damaged: gbs000004-w001-s0/events.jsonl:2: broken event line" in failures
+    assert "gbs000004-w001-s0" in failures and "damaged: events.jsonl:2: broken event line" in failures
     assert "not json" not in page
     assert page.count("1 damaged run(s) (a file missing or corrupt) are listed in the failures table") == 2
     summary = page.split("<h2>Summary per global batch size")[1].split("<h2>Critical")[0]
