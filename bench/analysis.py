@@ -7,7 +7,7 @@ learning curves, the applied LR schedule, telemetry as numbers, seed statistics 
 MLPerf olympic mean), the per-batch summary table, scaling regimes, steps speed-up and
 throughput scaling efficiency. The steps(B) fit lives in bench.fit (re-exported here).
 
-Input is ``bench.store.RunRecord`` values (the caller loads them); nothing here knows a file
+Input is ``bench.records.RunRecord`` values (the caller loads them); nothing here knows a file
 path. Must not import: torch, ray, matplotlib, seaborn.
 
 Unknown stays NaN/None, never a guess: a run that never reaches the target keeps its row with
@@ -29,7 +29,7 @@ from bench.fit import NOISE_AGREEMENT, critical_batch, fit_steps_curve, fit_swee
 from bench.provenance import hardware_mismatches
 from bench.run_facts import describe_failure, failure_lr, memory_figures
 from bench.spread import Sample, compare
-from bench.store import RunRecord
+from bench.records import RunRecord
 
 RUN_COLUMNS = [
     "sweep", "run_id", "workload", "global_batch_size", "num_workers", "per_worker_batch_size",

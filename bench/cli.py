@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 from bench.config import check_ray_address, default_cluster, load_cluster, load_sweep
 from bench.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, BatchscaleError, ConfigError, PlanError,
                           StoreError, UserError)
-from bench.plan import plan_sweep, resolve_micro_batch
+from bench.memprobe import resolve_micro_batch
+from bench.plan import plan_sweep
 
 
 def _one_line(msg: str) -> str:
@@ -127,7 +128,7 @@ def _check_results_paths(paths: Sequence[str]) -> list[Path]:
 
 
 def _records(paths: Sequence[str]):
-    from bench.store import load_results
+    from bench.records import load_results
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -243,9 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # submit / check / compare (bench.submission) and plan (bench.planner) add their own parsers.
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    from bench import memprobe, planner, submission
+    from bench import memprobe, planner_cli, submission
 
-    return [submission.register, planner.register, memprobe.register]
+    return [submission.register, planner_cli.register, memprobe.register]
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

@@ -105,7 +105,7 @@ class SweepConfig(StrictModel):
     num_workers: list[Int] = Field([1], min_length=1, max_length=16)
     seeds: list[Int] = Field([0], min_length=1, max_length=100)
     # A micro-batch cap (gradient accumulation above it), or auto: the memory probe's choice per
-    # per-worker batch (bench.plan.resolve_micro_batch reads results/<sweep>/memory-probe.json).
+    # per-worker batch (bench.memprobe.resolve_micro_batch reads results/<sweep>/memory-probe.json).
     max_micro_batch_size: IntOrAuto = None
     target_accuracy: Float = Field(gt=0.0, le=1.0, description="test accuracy that counts as reached")
     eval_every_epochs: Int = Field(1, gt=0, le=100_000)

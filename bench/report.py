@@ -12,7 +12,7 @@ Damaged runs (a missing or corrupt file) are listed in the failures table with t
 left out of every table above it, every figure and every fit; the page says so. A telemetry
 file that cannot be read is named in one line and skipped; the other runs' telemetry is drawn.
 
-Reads results only through ``bench.store.load_results`` and numbers only through
+Reads results only through ``bench.records.load_results`` and numbers only through
 ``bench.analysis``; plots live in ``bench.report_figures``, ``bench.report_scaling`` and
 ``bench.report_hardware``, tables in
 ``bench.report_tables``, the header in ``bench.report_text``.
@@ -42,7 +42,8 @@ from bench.errors import UserError
 from bench.report_text import all_env_keys, environment, esc, kv_table, provenance_warnings, run_setup
 from bench.report_text import train_eval as _train_eval  # noqa: F401 (tests/test_feed.py imports it from here)
 from bench.spread import RULE
-from bench.store import RunRecord, atomic_write_text, load_results
+from bench.store import atomic_write_text
+from bench.records import RunRecord, load_results
 
 DPI = 80  # modest: a 100-run report stays well under 5 MB
 

@@ -256,7 +256,7 @@ def test_figures_escape_names_and_render_tick_labels(sweep_dir):
     from bench import analysis as an
     from bench import report_figures as rf
     from bench.report import build_figures
-    from bench.store import load_results
+    from bench.records import load_results
 
     assert rf.tex("sw$a$") == r"sw\$a\$" and not cbook.is_math_text(rf.tex("sw$a$")) and cbook.is_math_text("sw$a$")
     records = [r for r in load_results([sweep_dir]) if r.damage is None]

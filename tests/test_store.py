@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 
 from bench import safeio
 from bench.cli import main
-from bench.store import RunRecord, RunSkipped, SweepDir, load_results
+from bench.store import RunSkipped, SweepDir
+from bench.records import RunRecord, load_results
 from fixtures_results import Eval, RunSpec, make_plan, sweep_config, write_run
 
 SECRET = "SECRET-CONTENT-NEVER-SHOWN"

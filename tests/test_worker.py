@@ -237,7 +237,7 @@ def test_noise_probe_under_ddp_leaves_training_unchanged(tmp_path: Path):
 def test_a_step_evaluated_run_reads_back_whole(tmp_path: Path):
     """What the driver stores (the whole config dumped) validates again when read: a run with
     eval_every_steps is not taken for damaged. Paths may come with '..' in the root."""
-    from bench.store import load_results
+    from bench.records import load_results
 
     sweep = sweep_of(eval_every_steps=5, epochs=1)
     plan = plan_sweep(sweep)[0]
