@@ -246,6 +246,7 @@ def test_rss_meter_sees_an_allocation_and_its_release() -> None:
     assert after < 16 * MIB
 
 
+@pytest.mark.slow
 def test_tiny_model_probe_on_cpu(tiny_sweep: Path, tmp_path: Path) -> None:
     """A real CPU probe, in a fresh process as `batchscale probe-memory` runs: in this one the
     earlier tests' freed memory (and the session's Ray threads) would be in the measurement."""

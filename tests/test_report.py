@@ -123,6 +123,7 @@ def test_target_override_empty_and_corrupt(tmp_path):
     assert "No runs were found" in write_report([empty], tmp_path / "e.html").read_text()
 
 
+@pytest.mark.slow
 def test_eight_runs_of_200_epochs_in_under_10_s(tmp_path):
     """As the CLI runs it: a fresh process, imports included. CPU time is what is asserted, since
     the wall time on a shared 2-core machine depends on the neighbours."""
@@ -138,6 +139,7 @@ def test_eight_runs_of_200_epochs_in_under_10_s(tmp_path):
     assert (tmp_path / "eight.html").is_file()
 
 
+@pytest.mark.slow
 def test_hundred_runs_under_5_mb(tmp_path):
     big = write_sweep(tmp_path, "hundred", batches=(4, 8, 16, 32, 64, 96, 128, 192, 256, 500),
                       seeds=tuple(range(10)), epochs=12, s_min=10)

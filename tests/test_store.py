@@ -288,6 +288,7 @@ def apply_damage(run: Path, name: str, kind: str, arg: Any, stack: contextlib.Ex
     # "delete": nothing more
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None, database=None, derandomize=True, print_blob=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(edits=damages())
