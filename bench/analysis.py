@@ -72,6 +72,8 @@ def _identity(record: RunRecord) -> dict[str, Any]:
         "global_batch_size": pick("global_batch_size"), "num_workers": pick("num_workers"),
         "per_worker_batch_size": pick("per_worker_batch_size"), "grad_accum_steps": pick("grad_accum_steps"),
         "seed": pick("seed"), "peak_lr": pick("peak_lr"),
+        # LR search (bench.lrsearch): 1.0 and 0 for every run of a plain sweep
+        "lr_factor": to_float(plan.get("lr_factor", 1.0)), "stage": plan.get("stage", 0),
     }
 
 
@@ -190,8 +192,13 @@ def runs_frame(records: Iterable[RunRecord], *, target_accuracy: float | None = 
 
 
 def trusted(runs_df: pd.DataFrame) -> pd.DataFrame:
-    """The rows every aggregate, figure and fit may use: all but damaged runs."""
-    return runs_df[runs_df["status"].ne("damaged")] if "status" in runs_df else runs_df
+    """The rows every aggregate, figure and fit may use: all but damaged runs and, in an LR search,
+    all but the runs away from the rule's LR (runs at different LRs of one batch are never averaged
+    together; bench.report_lrsearch compares rule and tuned)."""
+    keep = runs_df["status"].ne("damaged") if "status" in runs_df else pd.Series(True, index=runs_df.index)
+    if "lr_factor" in runs_df:
+        keep &= runs_df["lr_factor"].isna() | runs_df["lr_factor"].eq(1.0)
+    return runs_df[keep]
 
 
 def _tag(record: RunRecord) -> dict[str, Any]:

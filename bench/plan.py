@@ -165,6 +165,11 @@ class RunPlan:
     eval_every_epochs: int = 1
     eval_every_steps: int | None = None
     eval_auto: bool = False
+    # LR search (bench.lrsearch): peak_lr / the rule's peak LR at this batch (1.0: the rule's LR
+    # itself), and the stage that planned the run (0: a plain sweep; 1: a search trial; 2: a seed
+    # run after the choice). Defaults = every run planned before the LR search existed.
+    lr_factor: float = 1.0
+    stage: int = 0
 
     def eval_due(self, step: int) -> bool:
         """Whether this run evaluates after `step` optimizer steps."""
