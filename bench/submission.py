@@ -80,6 +80,10 @@ def _load_records(results_paths: Sequence[Path | str]) -> list[stored.RunRecord]
         raise UserError("corrupt run folders, refusing to submit: " + "; ".join(corrupt), 1)
     if not records:
         raise UserError(f"no runs found under {', '.join(map(str, results_paths))}", 1)
+    trials = [r.run_id for r in records if (r.plan or {}).get("lr_factor", 1.0) != 1.0]
+    if trials:  # a submission holds one LR per batch; an LR search's trials are not a result set
+        raise UserError(f"{len(trials)} run(s) at another LR than the rule's (an lr_search sweep, e.g. "
+                        f"{trials[0]}): a submission holds one LR per batch; submit a sweep without lr_search")
     return records
 
 
