@@ -10,7 +10,7 @@ loader lazily and keeps the last set a process loaded. The types and the table a
 Must not import at module level: torch, torchvision, ray, pandas (config validation
 runs without them).
 
-A loader is ``load(options: <OptionsModel>, seed: int) -> bench.workloads.data.Data``.
+A loader is ``load(options: <OptionsModel>, seed: int) -> Data | StreamingData`` (docs/workloads.md).
 """
 
 from __future__ import annotations
