@@ -30,13 +30,26 @@ def _imports(path: Path) -> set[str]:
     """Every module an import statement anywhere in the file names (a `from X import y` where
     X.y is a module names X.y, not the package X)."""
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in MODULES]
             out.update(subs if len(subs) == len(node.names) else [node.module, *subs])
     return out
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node, except what sits under ``if TYPE_CHECKING:`` (never imported at run time)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING":
+                stack.extend(child.orelse)
+                continue
+            stack.append(child)
 
 
 def _owner(name: str) -> str | None:

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -30,7 +30,9 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 
 from bench.augment import imagenet_train_transform, imagenet_val_transform
 from bench.workloads.streaming import StreamingData
-from bench.workloads.vision_catalog import ImageNetOptions
+
+if TYPE_CHECKING:  # the catalog imports this module's scan; at run time only the type is shared
+    from bench.workloads.vision_catalog import ImageNetOptions
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 JPEG_MAGIC = b"\xff\xd8\xff"  # every JPEG starts with SOI + a marker; ImageNet has a PNG named .JPEG
