@@ -38,6 +38,7 @@ PACKAGED_SWEEPS = Path(__file__).parent / "sweeps"
 MAX_YAML_BYTES = safeio.LIMITS["config"]  # a sweep file is a few KB; larger files are refused unread
 MAX_YAML_VALUES = 10_000  # a sweep file has a few hundred; a flat list of 300,000 is refused in milliseconds
 MAX_EPOCHS = 100_000
+MAX_CONCURRENT_RUNS = 4096
 
 
 
@@ -127,6 +128,9 @@ class SweepConfig(StrictModel):
     divergence_loss_factor: Float = Field(10.0, gt=1.0, description="diverged if loss > factor x initial")
     noise_scale_every_steps: Int = Field(0, ge=0, le=1_000_000, description="0: off")
     telemetry: TelemetryConfig = TelemetryConfig()
+    # Runs at once (bench.launcher): N, or auto (as many worker groups as the cluster's resources
+    # hold at once). How the sweep is run, not what it measures: left out of config_hash.
+    max_concurrent_runs: IntOrAuto = 1
 
     @field_validator("name")
     @classmethod
@@ -171,6 +175,13 @@ class SweepConfig(StrictModel):
             raise ValueError("eval_every_steps and eval_every_epochs: give one of them")
         return self
 
+    @field_validator("max_concurrent_runs", mode="before")
+    @classmethod
+    def _concurrency(cls, v: Any) -> Any:
+        if v is None or (type(v) is int and not 1 <= v <= MAX_CONCURRENT_RUNS):
+            raise ValueError(f"must be 1..{MAX_CONCURRENT_RUNS} or 'auto'")
+        return int_or_auto(v)
+
     @field_validator("max_micro_batch_size")
     @classmethod
     def _micro(cls, v: Any) -> Any:
@@ -206,7 +217,9 @@ class SweepConfig(StrictModel):
 
     def config_hash(self) -> str:
         # Defaults left out: a key added later (at its default) does not change old sweeps' hash.
-        blob = json.dumps(self.model_dump(mode="json", exclude_defaults=True), sort_keys=True).encode()
+        # max_concurrent_runs is left out too: a sweep resumed with other concurrency is the same sweep.
+        blob = json.dumps(self.model_dump(mode="json", exclude_defaults=True, exclude={"max_concurrent_runs"}),
+                          sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
