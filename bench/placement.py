@@ -5,6 +5,9 @@ amounts of 0 dropped, ``GPU: 1`` added with ``use_gpu``), and whether ``num_work
 workers can be placed, each worker's bundle on a single node, on a set of nodes; or, where the
 cluster's autoscaler publishes its node types, within the most the cluster can grow to.
 
+It also says how many workers the cluster holds at once (``worker_slots``), which is how many
+worker groups ``max_concurrent_runs: auto`` runs side by side.
+
 Ray itself never says no: a placement group that cannot be satisfied waits forever. The launcher
 asks here twice: before a local Ray starts (on the one node it would have) and after connecting,
 before ``fit()`` (on the live nodes), so that a group that can never start fails in one line that
@@ -91,3 +94,16 @@ def placement_problem(need: Mapping[str, float], num_workers: int, nodes: Iterab
             return (f"each worker needs {_fmt(need)} on one node, and the nodes of {where} hold only {fit} "
                     f"such workers ({held})")
     return None
+
+
+def worker_slots(need: Mapping[str, float], nodes: Iterable[Mapping[str, float]], *,
+                 max_totals: Mapping[str, float] | None = None) -> int:
+    """How many workers needing ``need`` each the cluster holds at once: node by node on the live
+    nodes (a worker's bundle sits on one node; Ray Train's default PACK strategy places a group's
+    bundles independently, so groups may span nodes); or, where an autoscaler publishes its
+    ceiling, what that ceiling's totals hold. ``need`` asking for nothing: unbounded."""
+    if not need:
+        return 1 << 30
+    if max_totals:
+        return min(int(float(max_totals.get(name, 0.0)) / amount + EPS) for name, amount in need.items())
+    return sum(workers_per_node(need, node) for node in nodes)
