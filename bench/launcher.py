@@ -227,6 +227,7 @@ POLL_S = 0.5  # the driver's look at the run book and its lanes
 class Concurrency:
     max_lanes: int  # max_concurrent_runs (auto: one lane per run at most)
     worker_slots: int  # workers the cluster holds at once (bench.placement.worker_slots)
+    at_once: int  # runs of the smallest worker count that go at once
     text: str  # what to tell the user; empty when runs go one at a time as asked
 
 
@@ -252,7 +253,7 @@ def concurrency(setting: int | str, cluster: ClusterConfig, plans: list[RunPlan]
     if setting != 1:
         text = (f"max_concurrent_runs {setting}: up to {at_once} run{'s' * (at_once != 1)} of {workers(smallest)} "
                 f"at once (the cluster holds {slots} workers of {_fmt(need)})")
-    return Concurrency(max_lanes, slots, text)
+    return Concurrency(max_lanes, slots, at_once, text)
 
 
 def _fmt(resources: dict[str, float]) -> str:

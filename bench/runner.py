@@ -3,7 +3,8 @@
 Owns: the order of things on the driver, cheapest refusal first — plan; check the results folder
 (read-only) and what the cluster can offer without Ray in this process; claim and lock the sweep's
 folder; only then start or join Ray (and check the live cluster); write each pending run's inputs,
-show progress, launch the worker groups, and report what happened. The lock is released on every
+say how many runs go at once, show progress (and where each run is when several go at once or
+the cluster has several nodes), launch the lanes, and report what each did. The lock is released on every
 way out (an error, Ctrl-C / SIGTERM; a SIGKILL releases it with the process). Reaches Ray only
 through bench.launcher.
 """
@@ -62,7 +63,10 @@ def holder_text(lane: int, node_id: str | None, multi_node: bool) -> str:
 
 def run_sweep(sweep: SweepConfig, cluster: ClusterConfig, results_root: Path, *,
               cluster_file: str | None = None, plans: list[RunPlan] | None = None,
-              say: Callable[[str], None] = print, progress: bool | None = None) -> SweepOutcome:
+              say: Callable[[str], None] = print, progress: bool | None = None,
+              runs_per_lane: int | None = None) -> SweepOutcome:
+    """Run what is missing of ``sweep``; ``runs_per_lane``: see launcher.run_groups (None: a lane
+    runs until no run of its worker count is left)."""
     t0 = time.perf_counter()
     plans = plans if plans is not None else plan_sweep(sweep)
     sweep_dir = SweepDir(Path(results_root) / sweep.name)
@@ -105,7 +109,7 @@ def run_sweep(sweep: SweepConfig, cluster: ClusterConfig, results_root: Path, *,
 
             with SweepProgress(tails, use_rich=progress, where=holders.get if show_where else None):
                 launcher.run_groups(sweep, cluster, sweep_dir, pending, on_group=on_group,
-                                    on_holders=on_holders, limits=limits)
+                                    on_holders=on_holders, limits=limits, runs_per_lane=runs_per_lane)
         statuses: dict[str, str] = {}
         for plan in plans:
             summary = sweep_dir.run(plan.run_id).read_summary()

@@ -16,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 from bench import events as ev
 from bench.cli import main
 from bench.config import SweepConfig
+from bench.perf.concurrency import makespan, paper, parse_side
 from bench.placement import worker_slots
 from bench.plan import plan_sweep
 from bench.pool import RunBook, Snapshot, lanes_to_start
@@ -163,6 +164,32 @@ def test_worker_slots_node_by_node_or_from_the_autoscaler_ceiling():
     assert worker_slots(need, [HEAD], max_totals={"CPU": 400.0, "GPU": 16.0}) == 16
     assert worker_slots({"CPU": 1.0}, [{"CPU": 2.0}]) == 2  # this 2-core machine's local Ray
     assert worker_slots({"CPU": 0.5, "GPU": 0.5}, [{"CPU": 8.0, "GPU": 1.0}]) == 2
+
+
+def test_makespan_of_lanes_taking_runs_in_plan_order():
+    assert makespan([3, 3, 3, 3], 2, 1.0) == 7.0  # each lane starts once, then two runs
+    assert makespan([3, 3, 3, 3], 2, 1.0, per_run_start=True) == 8.0  # a start before every run
+    assert makespan([5, 1, 1, 1], 2, 0.0) == 5.0  # the short runs go to the free lane
+    assert makespan([1, 1, 1, 5], 2, 0.0) == 6.0  # plan order: the long run comes last, on the lane free at 1
+    assert makespan([2.0] * 10, 64, 14.0) == 16.0  # more lanes than runs: all at once
+    assert makespan([], 4, 10.0) == 0.0
+
+
+def test_paper_estimate_holds_the_cluster_for_the_wall_clock():
+    ways = paper([10.0, 20.0, 30.0], gpus_per_run=1, gpus=2, startup_s=5.0)
+    assert ways["1"]["wall_s"] == 65.0  # 5 + 10 + 20 + 30
+    assert ways["2"]["wall_s"] == 45.0  # lane 1: 5 + 10, then 30; lane 2: 5 + 20
+    assert ways["2/per-run"]["wall_s"] == 50.0  # lane 1: 15, then 5 + 30; lane 2: 25
+    assert ways["2"]["gpu_hours_held"] == pytest.approx(2 * 45.0 / 3600)
+    assert ways["2"]["gpu_hours_saved"] == pytest.approx(2 * 20.0 / 3600)
+    assert set(paper([1.0], gpus_per_run=8, gpus=64, startup_s=0.0)) == {"1", "1/per-run"}  # one run: one lane
+
+
+def test_a_side_is_n_or_auto_with_or_without_a_start_per_run():
+    assert parse_side("2") == (2, False) and parse_side("auto/per-run") == ("auto", True)
+    for bad in ("0", "two", "2/tune", ""):
+        with pytest.raises(ValueError, match="give N, auto"):
+            parse_side(bad)
 
 
 # --- through Ray (slow) --------------------------------------------------------------------------
