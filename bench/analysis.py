@@ -7,7 +7,7 @@ learning curves, the applied LR schedule, telemetry as numbers, seed statistics 
 MLPerf olympic mean), the per-batch summary table, scaling regimes, steps speed-up and
 throughput scaling efficiency. The steps(B) fit lives in bench.fit (re-exported here).
 
-Input is ``bench.store.RunRecord`` values (the caller loads them); nothing here knows a file
+Input is ``bench.records.RunRecord`` values (the caller loads them); nothing here knows a file
 path. Must not import: torch, ray, matplotlib, seaborn.
 
 Unknown stays NaN/None, never a guess: a run that never reaches the target keeps its row with
@@ -29,7 +29,7 @@ from bench.fit import NOISE_AGREEMENT, critical_batch, fit_steps_curve, fit_swee
 from bench.provenance import hardware_mismatches
 from bench.run_facts import describe_failure, failure_lr, memory_figures
 from bench.spread import Sample, compare
-from bench.store import RunRecord
+from bench.records import RunRecord
 
 RUN_COLUMNS = [
     "sweep", "run_id", "workload", "global_batch_size", "num_workers", "per_worker_batch_size",
@@ -72,6 +72,8 @@ def _identity(record: RunRecord) -> dict[str, Any]:
         "global_batch_size": pick("global_batch_size"), "num_workers": pick("num_workers"),
         "per_worker_batch_size": pick("per_worker_batch_size"), "grad_accum_steps": pick("grad_accum_steps"),
         "seed": pick("seed"), "peak_lr": pick("peak_lr"),
+        # LR search (bench.lrsearch): 1.0 and 0 for every run of a plain sweep
+        "lr_factor": to_float(plan.get("lr_factor", 1.0)), "stage": plan.get("stage", 0),
     }
 
 
@@ -190,8 +192,13 @@ def runs_frame(records: Iterable[RunRecord], *, target_accuracy: float | None = 
 
 
 def trusted(runs_df: pd.DataFrame) -> pd.DataFrame:
-    """The rows every aggregate, figure and fit may use: all but damaged runs."""
-    return runs_df[runs_df["status"].ne("damaged")] if "status" in runs_df else runs_df
+    """The rows every aggregate, figure and fit may use: all but damaged runs and, in an LR search,
+    all but the runs away from the rule's LR (runs at different LRs of one batch are never averaged
+    together; bench.report_lrsearch compares rule and tuned)."""
+    keep = runs_df["status"].ne("damaged") if "status" in runs_df else pd.Series(True, index=runs_df.index)
+    if "lr_factor" in runs_df:
+        keep &= runs_df["lr_factor"].isna() | runs_df["lr_factor"].eq(1.0)
+    return runs_df[keep]
 
 
 def _tag(record: RunRecord) -> dict[str, Any]:

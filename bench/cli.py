@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 from bench.config import check_ray_address, default_cluster, load_cluster, load_sweep
 from bench.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, BatchscaleError, ConfigError, PlanError,
                           StoreError, UserError)
-from bench.plan import plan_sweep, resolve_micro_batch
+from bench.memprobe import resolve_micro_batch
+from bench.plan import plan_sweep
 
 
 def _one_line(msg: str) -> str:
@@ -80,22 +81,51 @@ def _check_results_dir(path: Path) -> None:
 
 # --- commands -----------------------------------------------------------------------------------
 
+def _print_plans(plans) -> None:
+    for p in plans:
+        print(f"  {p.run_id}: per-worker {p.per_worker_batch_size} = {p.grad_accum_steps} x "
+              f"{p.micro_batch_size}, {p.steps_per_epoch} steps/epoch x {p.epochs} epochs, "
+              f"peak lr {p.peak_lr:.6g}, warmup {p.warmup_steps} steps")
+
+
+def _dry_run_search(sweep, plans) -> None:
+    """An lr_search sweep's two stages: stage 1 in full; stage 2 as the rule's runs plus, per
+    batch, the LR chosen after stage 1 (bench.lrsearch)."""
+    from bench import lrsearch
+
+    stage1 = lrsearch.search_plans(sweep, plans)
+    print(f"  stage 1 (LR search): {len(stage1)} trials")
+    _print_plans(stage1)
+    seeds = set(lrsearch.search_seeds(sweep))
+    more = [p for p in plans if p.seed not in seeds]
+    print(f"  stage 2 (every seed at the LR chosen after stage 1 and at the rule's LR): {len(more)} runs at "
+          f"the rule's LR below, plus up to {len(more)} at the chosen LRs (none where the rule's LR wins); "
+          "at the search seeds both are stage-1 runs")
+    _print_plans(more)
+    print(f"  chosen after stage 1 by: {lrsearch.CRITERION}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     sweep, sweep_path, cluster, cluster_path, plans = _load(args)
     if args.dry_run:
-        print(f"sweep {sweep.name} from {sweep_path} on cluster {cluster.name}: {len(plans)} runs")
-        for p in plans:
-            print(f"  {p.run_id}: per-worker {p.per_worker_batch_size} = {p.grad_accum_steps} x "
-                  f"{p.micro_batch_size}, {p.steps_per_epoch} steps/epoch x {p.epochs} epochs, "
-                  f"peak lr {p.peak_lr:.6g}, warmup {p.warmup_steps} steps")
+        if sweep.lr_search is None:
+            print(f"sweep {sweep.name} from {sweep_path} on cluster {cluster.name}: {len(plans)} runs")
+            _print_plans(plans)
+        else:
+            print(f"sweep {sweep.name} from {sweep_path} on cluster {cluster.name}: an LR search in two stages")
+            _dry_run_search(sweep, plans)
         return 0
     _check_results_dir(Path(args.results_dir))  # the rest of the folder checks: runner, before Ray
-    from bench import launcher
+    from bench import launcher, lrsearch
     from bench.runner import run_sweep
 
     try:
-        outcome = run_sweep(sweep, cluster, Path(args.results_dir), plans=plans,
-                            cluster_file=str(cluster_path) if cluster_path else None)
+        cluster_file = str(cluster_path) if cluster_path else None
+        if sweep.lr_search is None:
+            outcome = run_sweep(sweep, cluster, Path(args.results_dir), plans=plans, cluster_file=cluster_file)
+        else:
+            outcome = lrsearch.run_search(sweep, cluster, Path(args.results_dir), rule_plans=plans,
+                                          cluster_file=cluster_file)
     except StoreError as err:
         raise UserError(str(err), EXIT_FAILED) from None
     except launcher.LauncherError as err:
@@ -105,11 +135,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
     for status in outcome.statuses.values():
         counts[status] = counts.get(status, 0) + 1
-    starts = ", ".join(f"{g.start_s:.1f} s" if g.start_s is not None else "?" for g in outcome.groups)
+    stages = [outcome] if sweep.lr_search is None else [o for o in (outcome.stage1, outcome.stage2) if o]
+    groups = [g for o in stages for g in o.groups]
+    starts = ", ".join(f"{g.start_s:.1f} s" if g.start_s is not None else "?" for g in groups)
     print(f"sweep {sweep.name} done in {outcome.wall_s:.1f} s: "
           + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-          + f"; {len(outcome.groups)} worker-group start(s){' (' + starts + ')' if starts else ''}")
-    print(f"results: {outcome.sweep_dir}   next: batchscale results {outcome.sweep_dir}")
+          + f"; {len(groups)} worker-group start(s){' (' + starts + ')' if starts else ''}")
+    print(f"results: {stages[0].sweep_dir}   next: batchscale results {stages[0].sweep_dir}")
     return 0 if counts.get("incomplete", 0) == 0 else EXIT_FAILED
 
 
@@ -127,7 +159,7 @@ def _check_results_paths(paths: Sequence[str]) -> list[Path]:
 
 
 def _records(paths: Sequence[str]):
-    from bench.store import load_results
+    from bench.records import load_results
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -243,9 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # submit / check / compare (bench.submission) and plan (bench.planner) add their own parsers.
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    from bench import memprobe, planner, submission
+    from bench import memprobe, planner_cli, submission
 
-    return [submission.register, planner.register, memprobe.register]
+    return [submission.register, planner_cli.register, memprobe.register]
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

@@ -30,6 +30,7 @@ from mlperf_logging.mllog import constants as mlc
 from bench.summary import RunStatus
 from bench import events as ev
 from bench import mlperf_rules, safeio, store
+from bench import records
 from bench import plan as plan_mod
 from bench.mllog_export import (HEADER_KEYS, MLPERF_ABORTED, MLPERF_SUCCESS, precision_values,
                                 run_stop_status)
@@ -157,7 +158,7 @@ def _system_problems(system: dict | None) -> list[str]:
     return problems
 
 
-def _header_problems(r: store.RunRecord, system: dict, first: dict[str, Any]) -> list[str]:
+def _header_problems(r: records.RunRecord, system: dict, first: dict[str, Any]) -> list[str]:
     """The log's header agrees with system.json and run.json (MLPerf's rules check it is there)."""
     name = f"run {r.sweep}/{r.run_id}"
     log_status = {words: word for words, word in STATUSES.values()}.get(system.get("status"))
@@ -177,7 +178,7 @@ def _header_problems(r: store.RunRecord, system: dict, first: dict[str, Any]) ->
     return problems
 
 
-def _run_problems(r: store.RunRecord, system: dict) -> list[str]:
+def _run_problems(r: records.RunRecord, system: dict) -> list[str]:
     name, first = f"run {r.sweep}/{r.run_id}", {}
     for e in r.events:
         first.setdefault(e["key"], e)
@@ -200,7 +201,7 @@ def _run_problems(r: store.RunRecord, system: dict) -> list[str]:
     return problems
 
 
-def _mlperf_problems(package: Package, r: store.RunRecord) -> list[str]:
+def _mlperf_problems(package: Package, r: records.RunRecord) -> list[str]:
     """MLPerf's common training rules on the run's log, streamed a second time through safeio."""
     name, root, failed = f"run {r.sweep}/{r.run_id}", package.root, []
 
@@ -217,7 +218,7 @@ def _mlperf_problems(package: Package, r: store.RunRecord) -> list[str]:
     return [f"{name}: MLPerf training {mlperf_rules.newest_ruleset()} common rules: {m}" for m in found]
 
 
-def expected_plan(r: store.RunRecord) -> plan_mod.RunPlan:
+def expected_plan(r: records.RunRecord) -> plan_mod.RunPlan:
     """The run's plan recomputed with bench.plan from its config (rule, base LR/batch, warmup,
     schedule) and the batch arithmetic in run.json; nothing declared is trusted."""
     p, cfg = plan_mod.RunPlan.from_dict(r.plan), r.config
@@ -249,7 +250,7 @@ def _step_of(event: dict) -> int:
     return step if isinstance(step, int) and not isinstance(step, bool) else -1
 
 
-def _lr_problems(r: store.RunRecord) -> list[str]:
+def _lr_problems(r: records.RunRecord) -> list[str]:
     name = f"run {r.sweep}/{r.run_id}"
     try:
         want = expected_plan(r)
@@ -287,7 +288,7 @@ def _shown(value: Any) -> str:
     return f"a {type(value).__name__}, not a number"
 
 
-def _seed_problems(records: Sequence[store.RunRecord]) -> list[str]:
+def _seed_problems(records: Sequence[records.RunRecord]) -> list[str]:
     """Every (global batch, workers) the sweep config declares has a run for every declared seed."""
     problems, by_sweep = [], {}
     for r in records:
@@ -333,7 +334,7 @@ def reference_points(ref_df) -> Any:
     return pts
 
 
-def convergence_problems(records: Sequence[store.RunRecord], ref_records: Sequence[store.RunRecord]) -> list[str]:
+def convergence_problems(records: Sequence[records.RunRecord], ref_records: Sequence[records.RunRecord]) -> list[str]:
     """MLPerf-RCP-style check of epochs-to-target, per workload and global batch size.
 
     Reference: ``reference_points``; mean and std interpolated with np.interp between reference

@@ -30,7 +30,7 @@ from bench.errors import ConfigError
 from bench.names import check_name
 from bench.schema import Bool, Float, Int, IntOrAuto, Str, StrictModel, first_error, int_or_auto, kind
 
-__all__ = ["ClusterConfig", "HardwareConfig", "LRConfig", "OptimizerConfig", "SweepConfig", "TelemetryConfig",
+__all__ = ["ClusterConfig", "HardwareConfig", "LRConfig", "LRSearchConfig", "OptimizerConfig", "SweepConfig", "TelemetryConfig",
            "ConfigError", "check_ray_address", "default_cluster", "load_cluster", "load_sweep", "read_yaml",
            "resolve_sweep_path"]
 
@@ -39,6 +39,7 @@ MAX_YAML_BYTES = safeio.LIMITS["config"]  # a sweep file is a few KB; larger fil
 MAX_YAML_VALUES = 10_000  # a sweep file has a few hundred; a flat list of 300,000 is refused in milliseconds
 MAX_EPOCHS = 100_000
 MAX_CONCURRENT_RUNS = 4096
+MIN_LR_TRIALS, MAX_LR_TRIALS = 3, 32  # LRs per batch in an lr_search (the rule's counts for factors)
 
 
 
@@ -86,6 +87,35 @@ class LRConfig(StrictModel):
         return v
 
 
+class LRSearchConfig(StrictModel):
+    """A learning-rate search per global batch (bench.lrsearch; docs/lr-search.md): the trials are
+    ``factors`` x the rule's peak LR at each batch, or the absolute ``peak_lrs`` at every batch; the
+    rule's LR is always a trial too. Stage 1 runs every trial at ``search_seeds``; stage 2 runs every
+    seed at the chosen LR and at the rule's LR."""
+
+    factors: Optional[list[Float]] = Field(None, min_length=1, max_length=MAX_LR_TRIALS,
+                                           description="x the rule's peak LR, e.g. [0.25, 0.5, 1, 2, 4]")
+    peak_lrs: Optional[list[Float]] = Field(None, min_length=1, max_length=MAX_LR_TRIALS,
+                                            description="absolute peak LRs, the same at every batch")
+    search_seeds: Optional[list[Int]] = Field(None, min_length=1, max_length=100,
+                                              description="stage 1's seeds (default: the sweep's first)")
+
+    @model_validator(mode="after")
+    def _one_grid(self) -> "LRSearchConfig":
+        if (self.factors is None) == (self.peak_lrs is None):
+            raise ValueError("give one of factors (x the rule's LR) and peak_lrs (absolute LRs)")
+        key, values, low, high = (("factors", self.factors, 1e-4, 1e4) if self.factors is not None
+                                  else ("peak_lrs", self.peak_lrs, 1e-8, 1000.0))
+        if any(not low <= v <= high for v in values) or len(set(values)) != len(values):
+            raise ValueError(f"{key}: values must be distinct numbers in [{low:g}, {high:g}]")
+        count = len(set(values) | {1.0}) if key == "factors" else len(values)
+        if count < MIN_LR_TRIALS:
+            what = "LR(s) per batch counting the rule's (factor 1)" if key == "factors" else "LR(s)"
+            raise ValueError(f"{key}: {count} {what}; a search needs at least {MIN_LR_TRIALS} "
+                             f"(e.g. {key}: {[0.5, 1, 2] if key == 'factors' else [0.01, 0.03, 0.1]})")
+        return self
+
+
 class TelemetryConfig(StrictModel):
     enabled: Bool = True
     hz: Float = Field(10.0, gt=0.0, le=1000.0, description="samples per second per worker")
@@ -106,7 +136,7 @@ class SweepConfig(StrictModel):
     num_workers: list[Int] = Field([1], min_length=1, max_length=16)
     seeds: list[Int] = Field([0], min_length=1, max_length=100)
     # A micro-batch cap (gradient accumulation above it), or auto: the memory probe's choice per
-    # per-worker batch (bench.plan.resolve_micro_batch reads results/<sweep>/memory-probe.json).
+    # per-worker batch (bench.memprobe.resolve_micro_batch reads results/<sweep>/memory-probe.json).
     max_micro_batch_size: IntOrAuto = None
     target_accuracy: Float = Field(gt=0.0, le=1.0, description="test accuracy that counts as reached")
     eval_every_epochs: Int = Field(1, gt=0, le=100_000)
@@ -131,6 +161,7 @@ class SweepConfig(StrictModel):
     # Runs at once (bench.launcher): N, or auto (as many worker groups as the cluster's resources
     # hold at once). How the sweep is run, not what it measures: left out of config_hash.
     max_concurrent_runs: IntOrAuto = 1
+    lr_search: Optional[LRSearchConfig] = None  # a learning-rate search per batch (docs/lr-search.md)
 
     @field_validator("name")
     @classmethod
@@ -181,6 +212,14 @@ class SweepConfig(StrictModel):
         if v is None or (type(v) is int and not 1 <= v <= MAX_CONCURRENT_RUNS):
             raise ValueError(f"must be 1..{MAX_CONCURRENT_RUNS} or 'auto'")
         return int_or_auto(v)
+    @model_validator(mode="after")
+    def _search_seeds(self) -> "SweepConfig":
+        chosen = self.lr_search.search_seeds if self.lr_search is not None else None
+        if chosen is not None:
+            if len(set(chosen)) != len(chosen) or not set(chosen) <= set(self.seeds):
+                raise ValueError(f"lr_search.search_seeds: must be distinct seeds of the sweep's seeds "
+                                 f"({', '.join(map(str, self.seeds))})")
+        return self
 
     @field_validator("max_micro_batch_size")
     @classmethod

@@ -80,6 +80,19 @@ TORCH_MEMORY = "torch_memory"  # ours: metadata epoch_num, max_allocated_gib, ma
 
 
 
+def hyperparameters(plan: Any, opt_name: str, weight_decay: float, train_eval_samples: int) -> list[tuple[str, Any]]:
+    """The lines a run logs once at its start, from its ``bench.plan.RunPlan``, in this order."""
+    p = plan
+    return [(SEED, p.seed), (GLOBAL_BATCH_SIZE, p.global_batch_size), (NUM_WORKERS, p.num_workers),
+            (PER_WORKER_BATCH_SIZE, p.per_worker_batch_size), (MICRO_BATCH_SIZE, p.micro_batch_size),
+            (GRADIENT_ACCUMULATION_STEPS, p.grad_accum_steps), (OPT_NAME, opt_name),
+            (LR_SCALING_RULE, p.scaling), (REFERENCE_LEARNING_RATE, p.reference_lr),
+            (REFERENCE_BATCH_SIZE, p.reference_batch_size), (OPT_BASE_LEARNING_RATE, p.peak_lr),
+            (OPT_LEARNING_RATE_WARMUP_EPOCHS, p.warmup_epochs), (OPT_LEARNING_RATE_WARMUP_STEPS, p.warmup_steps),
+            (OPT_WEIGHT_DECAY, weight_decay), (TRAIN_SAMPLES, p.num_train), (EVAL_SAMPLES, p.num_test),
+            (TRAIN_EVAL_SAMPLES, train_eval_samples), (STEPS_PER_EPOCH, p.steps_per_epoch)]
+
+
 def make_event(key: str, value: Any = None, *, event_type: str = POINT_IN_TIME,
                metadata: dict[str, Any] | None = None, time_ms: float | None = None) -> dict[str, Any]:
     """One event as a dict (the exact shape written to the log)."""

@@ -35,7 +35,7 @@ from mlperf_logging.mllog.mllog import MLLogger
 from mlperf_logging.mllog import constants as mlc
 
 from bench import events as ev
-from bench import store
+from bench import records
 from bench.submission_files import MLLOG_PREFIX, STATUSES
 
 HEADER_KEYS = (mlc.SUBMISSION_ORG, mlc.SUBMISSION_PLATFORM, mlc.SUBMISSION_DIVISION, mlc.SUBMISSION_BENCHMARK,
@@ -58,7 +58,7 @@ def precision_values(config: dict) -> dict[str, str]:
             mlc.LOWEST_NUMERICAL_PRECISION_IN_COMM: "fp32"}
 
 
-def run_stop_status(record: store.RunRecord) -> tuple[str, dict[str, Any]]:
+def run_stop_status(record: records.RunRecord) -> tuple[str, dict[str, Any]]:
     """(MLPerf status, what run_stop's metadata adds): success iff an evaluation in the log
     reached the config's target accuracy (the first such is where MLPerf would have stopped),
     whatever happened after; aborted otherwise (a completed run that never reached it, a
@@ -77,7 +77,7 @@ def run_stop_status(record: store.RunRecord) -> tuple[str, dict[str, Any]]:
         "epochs_to_target": hit if reached else None}
 
 
-def submission_events(record: store.RunRecord, *, submitter: str, platform: str, division: str,
+def submission_events(record: records.RunRecord, *, submitter: str, platform: str, division: str,
                       status: str, config_filename: str) -> list[dict[str, Any]]:
     """Every event of the run's submission log, in order (bench.events shape)."""
     events = record.events

@@ -3,7 +3,7 @@
 Owns: batch arithmetic (per-worker batch, micro-batch, gradient accumulation,
 steps per epoch), the learning-rate scaling rules and the per-step schedule
 (warmup, then constant / step / cosine), and the one resolver of
-``max_micro_batch_size`` (``resolve_micro_batch``: ``auto`` reads the memory
+``max_micro_batch_size`` (``bench.memprobe.resolve_micro_batch``: ``auto`` reads the memory
 probe through bench.memprobe; everything else here is pure). Everything derived is
 computed here, never configured, and every impossible combination raises
 ``PlanError`` with the numbers in the message.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Literal, Mapping
 
 from bench.errors import PlanError
@@ -166,6 +165,11 @@ class RunPlan:
     eval_every_epochs: int = 1
     eval_every_steps: int | None = None
     eval_auto: bool = False
+    # LR search (bench.lrsearch): peak_lr / the rule's peak LR at this batch (1.0: the rule's LR
+    # itself), and the stage that planned the run (0: a plain sweep; 1: a search trial; 2: a seed
+    # run after the choice). Defaults = every run planned before the LR search existed.
+    lr_factor: float = 1.0
+    stage: int = 0
 
     def eval_due(self, step: int) -> bool:
         """Whether this run evaluates after `step` optimizer steps."""
@@ -203,25 +207,6 @@ def run_schedule(num_train: int, global_batch_size: int, num_workers: int, grad_
     return spe, total, warmup, scaled_lr(reference_lr, reference_batch_size, global_batch_size, scaling)
 
 
-def resolve_micro_batch(sweep, *, results_dir: str | Path = "results",
-                        use_gpu: bool | None = None) -> int | dict[int, int] | None:
-    """The one resolver of the sweep's ``max_micro_batch_size``, for every caller that plans a
-    sweep (``batchscale run``, ``--dry-run``, the tests' oracle): None (no cap) and an integer cap
-    are themselves; ``auto`` is the memory probe's micro-batch per per-worker batch, read from
-    RESULTS_DIR/<sweep>/memory-probe.json by ``bench.memprobe.micro_batch_for_auto`` (measured on
-    GPUs or CPUs as ``use_gpu`` says). No usable probe raises PlanError saying what to run.
-    The only function here that reads a file (through bench.memprobe)."""
-    cap = sweep.max_micro_batch_size
-    if cap != "auto":
-        return cap
-    from bench.memprobe import ProbeMismatch, micro_batch_for_auto  # reads the probe file; no torch
-
-    try:
-        return micro_batch_for_auto(sweep, results_dir, use_gpu=use_gpu)[0]
-    except ProbeMismatch as err:
-        raise PlanError(str(err)) from None
-
-
 def plan_sweep(sweep, *, max_micro_batch_size: int | Mapping[int, int] | None = None) -> list[RunPlan]:
     """All runs of a validated SweepConfig, ordered by worker count, then batch, then seed.
 
@@ -235,7 +220,7 @@ def plan_sweep(sweep, *, max_micro_batch_size: int | Mapping[int, int] | None = 
     micro_cap = max_micro_batch_size
     if micro_cap is None and sweep.max_micro_batch_size == "auto":
         raise PlanError("max_micro_batch_size: auto needs the memory probe's micro-batches "
-                        "(bench.plan.resolve_micro_batch); planned without them the sweep would run "
+                        "(bench.memprobe.resolve_micro_batch); planned without them the sweep would run "
                         "without a cap")
     if micro_cap is None and isinstance(sweep.max_micro_batch_size, int):
         micro_cap = sweep.max_micro_batch_size

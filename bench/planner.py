@@ -403,10 +403,3 @@ def plan_figure(result: PlanResult):
     if ax.get_legend_handles_labels()[0]:  # nothing reached the target: no line to name
         fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize="small")  # hides no data
     return fig
-
-
-def register(sub) -> None:
-    """Add `plan` to the batchscale parser (the command lives in bench.planner_cli)."""
-    from bench.planner_cli import register as register_plan
-
-    register_plan(sub)

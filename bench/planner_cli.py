@@ -90,12 +90,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from bench import analysis, store
+    from bench import records as stored
 
     opts = check_options(args)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", store.RunSkipped)
-            records = store.load_results([Path(p) for p in args.results])
+            records = stored.load_results([Path(p) for p in args.results])
     except (ValueError, store.StoreError) as err:
         raise UserError(str(err)) from None
     for w in caught:

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from bench import safeio
 from bench.events import iter_events
 from bench.schema import kind
-from bench.store import (CLUSTER, CONFIG, ENV, EVENTS, RUN_PLAN, SUMMARY, WORKER_ENV, RunDir, RunSkipped,
+from bench.store import (validated, CLUSTER, CONFIG, ENV, EVENTS, RUN_PLAN, SUMMARY, WORKER_ENV, RunDir, RunSkipped,
                          find_sweep_dirs, is_dir, present)
 from bench.summary import RunSummary
 
@@ -93,15 +93,6 @@ def _reason(err: Exception, path: Path) -> str:
     return " ".join(text.split())[:300]
 
 
-def _validated(model: Any, data: Any, path: Path) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        e = err.errors()[0]
-        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        raise ValueError(f"{path.name}: {loc}: {e['msg']}") from None
-
-
 def _mapping(data: Any, path: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path.name}: expected a mapping, got {kind(data)}")
@@ -140,7 +131,7 @@ def _check_plan(plan: Any, folder: Path) -> dict:
 def _check_config(config: Any, folder: Path) -> dict:
     from bench.config import SweepConfig  # config -> workloads; kept off import time
 
-    _validated(SweepConfig, _mapping(config, folder / CONFIG), folder / CONFIG)
+    validated(SweepConfig, _mapping(config, folder / CONFIG), folder / CONFIG)
     return config
 
 
@@ -148,12 +139,12 @@ def _check_cluster(cluster: Any, folder: Path) -> dict:
     from bench.config import ClusterConfig
 
     if cluster:  # runs written before cluster.yaml existed have none
-        _validated(ClusterConfig, _mapping(cluster, folder / CLUSTER), folder / CLUSTER)
+        validated(ClusterConfig, _mapping(cluster, folder / CLUSTER), folder / CLUSTER)
     return cluster or {}
 
 
 def check_summary(summary: Any, folder: Path) -> RunSummary:
-    return _validated(RunSummary, summary, folder / SUMMARY)
+    return validated(RunSummary, summary, folder / SUMMARY)
 
 
 def validate_parts(*, plan: Any, config: Any, cluster: Any, env: Any, worker_env: Any,

@@ -1,7 +1,7 @@
 """The HTML report: result folders -> one self-contained HTML page.
 
 Owns: the page (header saying what was run and on what with provenance warnings, the per-batch
-summary table, the critical batch, runs that ended below a target they had reached, failed,
+summary table, the critical batch, "rule vs tuned" for an LR search (bench.report_lrsearch), runs that ended below a target they had reached, failed,
 incomplete and damaged runs with their reasons, the figures with their computed captions, all
 runs), inline CSS and a small inline table-sorting script, and ``write_report``'s checks of its
 output path and target. Figures are inline base64 PNGs; the page makes no request of any kind.
@@ -9,10 +9,12 @@ Text from a config or a result is HTML-escaped (``bench.report_text.esc``) and, 
 kept from being read as maths (``bench.report_figures.tex``).
 
 Damaged runs (a missing or corrupt file) are listed in the failures table with their reason and
-left out of every table above it, every figure and every fit; the page says so. A telemetry
+left out of every table above it, every figure and every fit; the page says so. In an LR search
+only the runs at the rule's LR enter those (bench.analysis.trusted); the other trials appear in
+their own section, the failures table and the list of all runs. A telemetry
 file that cannot be read is named in one line and skipped; the other runs' telemetry is drawn.
 
-Reads results only through ``bench.store.load_results`` and numbers only through
+Reads results only through ``bench.records.load_results`` and numbers only through
 ``bench.analysis``; plots live in ``bench.report_figures``, ``bench.report_scaling`` and
 ``bench.report_hardware``, tables in
 ``bench.report_tables``, the header in ``bench.report_text``.
@@ -36,13 +38,15 @@ import pandas as pd
 from bench import analysis as an
 from bench import report_figures as rf
 from bench import report_hardware as rh
+from bench import report_lrsearch as rl
 from bench import report_scaling as rs
 from bench import report_tables as rt
 from bench.errors import UserError
 from bench.report_text import all_env_keys, environment, esc, kv_table, provenance_warnings, run_setup
 from bench.report_text import train_eval as _train_eval  # noqa: F401 (tests/test_feed.py imports it from here)
 from bench.spread import RULE
-from bench.store import RunRecord, atomic_write_text, load_results
+from bench.store import atomic_write_text
+from bench.records import RunRecord, load_results
 
 DPI = 80  # modest: a 100-run report stays well under 5 MB
 
@@ -211,15 +215,18 @@ def _body(records: list[RunRecord], all_runs: pd.DataFrame) -> list[str]:
               f'here and in every caption: {esc(RULE)}.</p>', '<div class="scroll">',
               rt.batch_table_html(an.batch_table(runs), speed, fits) if len(runs) else "", "</div>",
               "<h2>Critical batch size</h2>", rt.critical_html(critical, fits),
+              *rl.section(all_runs, _figure_html),
               "<h2>Runs that ended below a target they had reached</h2>", '<div class="scroll">',
               rt.ended_below_html(runs), "</div>",
               "<h2>Failed, diverged, out-of-memory, incomplete and damaged runs</h2>",
               '<div class="scroll">', rt.runs_table_html(all_runs, failed_only=True), "</div>", "<h2>Figures</h2>"]
-    if good:
+    shown = set(zip(runs["sweep"], runs["run_id"]))  # LR-search trials off the rule's LR: their own section
+    rule = [r for r in good if (r.sweep, r.run_id) in shown]
+    if rule:
         problems: list[str] = []
-        tele = an.telemetry_frame(good, problems)
+        tele = an.telemetry_frame(rule, problems)
         parts += _notes(left_out + problems)
-        parts += [_figure_html(f) for f in build_figures(good, runs, speed, fits, tele)]
+        parts += [_figure_html(f) for f in build_figures(rule, runs, speed, fits, tele)]
     else:
         parts += _notes(["No undamaged run to draw."])
     parts += ["<h2>All runs</h2>", f"<details><summary>{len(all_runs)} runs</summary><div class=\"scroll\">",

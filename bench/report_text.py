@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 from bench import events as ev
 from bench.provenance import describe_seen, hardware_mismatches, hardware_seen
-from bench.store import RunRecord
+from bench.records import RunRecord
 
 MAX_VALUES = 4  # distinct environment values shown per field before "and N more"
 

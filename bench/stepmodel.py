@@ -59,7 +59,7 @@ def step_time_from_events(events: Iterable[dict[str, Any]]) -> tuple[float, int]
 
 def points_from_records(records: Iterable[Any]) -> list[StepPoint]:
     """One point per (per-worker batch, workers): the mean over its successful runs (seeds) of
-    their seconds per step. ``records`` are ``bench.store.RunRecord`` values."""
+    their seconds per step. ``records`` are ``bench.records.RunRecord`` values."""
     times: dict[tuple[float, int], list[float]] = {}
     for r in records:
         measured = step_time_from_events(r.events) if r.status == "success" else None

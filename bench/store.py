@@ -4,7 +4,7 @@ Owns: the layout of ``results/<sweep>/<run-id>/``, atomic writes, the
 "complete" marker (``summary.json``, written last), the per-sweep lock, and
 finding run folders. Reading them back and validating every part is
 ``bench.records`` (``load_results``, ``load_run``, ``validate_parts``,
-``RunRecord``), re-exported here: ``from bench.store import load_results`` works.
+``RunRecord``), which builds on this module (never the other way round).
 
 Must not import: torch, ray, pandas.
 
@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable
 
 import yaml
+
+from pydantic import ValidationError
 
 from bench import safeio
 from bench.errors import StoreError
@@ -87,6 +89,16 @@ def atomic_write_text(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def validated(model: Any, data: Any, path: Path) -> Any:
+    """``model.model_validate(data)``, or ValueError naming the file and the first wrong field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        raise ValueError(f"{Path(path).name}: {loc}: {e['msg']}") from None
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -168,9 +180,7 @@ class RunDir:
         and the field) for a file that is not a valid summary."""
         if not self.is_complete():
             return None
-        from bench.records import check_summary  # records imports this module
-
-        return check_summary(_read_json(self.summary_path), self.path)
+        return validated(RunSummary, _read_json(self.summary_path), self.summary_path)
 
     def read_plan(self) -> dict:
         return _read_json(self.path / RUN_PLAN)
@@ -321,16 +331,3 @@ def find_sweep_dirs(path: Path | str) -> list[SweepDir]:
     if any(_is_run_entry(c) for c in children):
         return [SweepDir(path)]
     return [SweepDir(c) for c in children if is_dir(c) and any(_is_run_entry(g) for g in _entries(c))]
-
-
-# Reading back lives in bench.records (which imports this module); its public names are served
-# from here too, imported on first use.
-_READ_API = ("RunRecord", "load_run", "load_results", "validate_parts")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _READ_API:
-        from bench import records
-
-        return getattr(records, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bench import compare, safeio, store
+from bench import records as stored
 from bench import events as ev
 from bench.errors import ConfigError, UserError
 from bench.submission_files import (CHECKSUMS, CLUSTER_COPY, DIVISIONS, RUN_FILES, STATUSES, SUMMARY_CSV,
@@ -36,7 +37,7 @@ DEFAULT_STATUS = "rdi"  # research, development or internal: what a benchmark ru
 
 # --- system description -------------------------------------------------------------------
 
-def system_description(cluster, records: Sequence[store.RunRecord], *, submitter: str,
+def system_description(cluster, records: Sequence[stored.RunRecord], *, submitter: str,
                        division: str, status: str = DEFAULT_STATUS) -> dict[str, Any]:
     """MLPerf system JSON from the cluster file's hardware and the runs' env/worker_env; ``status``
     (a key of STATUSES) in the words MLPerf's system-description checker accepts."""
@@ -67,11 +68,11 @@ def system_description(cluster, records: Sequence[store.RunRecord], *, submitter
 
 # --- packaging ----------------------------------------------------------------------------
 
-def _load_records(results_paths: Sequence[Path | str]) -> list[store.RunRecord]:
+def _load_records(results_paths: Sequence[Path | str]) -> list[stored.RunRecord]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", store.RunSkipped)
         try:
-            records = store.load_results([Path(p) for p in results_paths])
+            records = stored.load_results([Path(p) for p in results_paths])
         except store.StoreError as err:
             raise UserError(str(err)) from None
     corrupt = [str(w.message) for w in caught if issubclass(w.category, store.RunSkipped)]
@@ -79,6 +80,10 @@ def _load_records(results_paths: Sequence[Path | str]) -> list[store.RunRecord]:
         raise UserError("corrupt run folders, refusing to submit: " + "; ".join(corrupt), 1)
     if not records:
         raise UserError(f"no runs found under {', '.join(map(str, results_paths))}", 1)
+    trials = [r.run_id for r in records if (r.plan or {}).get("lr_factor", 1.0) != 1.0]
+    if trials:  # a submission holds one LR per batch; an LR search's trials are not a result set
+        raise UserError(f"{len(trials)} run(s) at another LR than the rule's (an lr_search sweep, e.g. "
+                        f"{trials[0]}): a submission holds one LR per batch; submit a sweep without lr_search")
     return records
 
 
@@ -133,7 +138,7 @@ def make_submission(results_paths: Sequence[Path | str], system_file: Path | str
     return out
 
 
-def _package_run(tmp: Path, r: store.RunRecord, **header: str) -> None:
+def _package_run(tmp: Path, r: stored.RunRecord, **header: str) -> None:
     """The run's MLLOG log (bench.mllog_export) and copies of its stored files."""
     from bench.mllog_export import submission_events, write_mllog  # mlperf_logging loads numpy
 

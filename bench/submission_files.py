@@ -4,7 +4,7 @@ Owns: the layout constants (shared by the writer, bench.submission, and the chec
 bench.compliance, so that neither imports the other), the inventory of a package (every entry,
 links and special files refused, never followed), the kind of each file (its size limit in
 ``safeio.LIMITS``), and ``load_submission``: ``system.json``, one ``RunRecord`` per result log
-with its run's stored files validated by the models that wrote them (``store.validate_parts``),
+with its run's stored files validated by the models that wrote them (``records.validate_parts``),
 and one problem line per thing that could not be read. Every read goes through bench.safeio
 with the submission as root: streamed, bounded per kind of file, no link followed, nothing
 outside the folder opened, no file content in a problem line.
@@ -35,6 +35,7 @@ from typing import Any, Iterable, Iterator
 
 from bench import safeio
 from bench import store
+from bench import records
 from bench.errors import UserError
 
 SYSTEM_JSON, CLUSTER_COPY = "system.json", "system/cluster.yaml"
@@ -192,7 +193,7 @@ class Package:
     root: Path
     inventory: Inventory
     system: dict | None  # None: missing or unusable (that is in problems)
-    records: list[store.RunRecord]
+    records: list[records.RunRecord]
     problems: list[str]  # in the order found: links/special files, missing files, unreadable parts
     logs: dict[tuple[str, str], str]  # (sweep, run_id) of each record -> its log, relative
 
@@ -213,7 +214,7 @@ def _read_part(path: Path, root: Path) -> Any:
 
 
 def _typed_plan(plan: Any) -> Any:
-    """run.json with every field of the type RunPlan declares (store.validate_parts checks the
+    """run.json with every field of the type RunPlan declares (records.validate_parts checks the
     field names only), as RunPlan.to_dict writes it; a non-mapping is left to validate_parts."""
     from pydantic import TypeAdapter, ValidationError
 
@@ -229,20 +230,20 @@ def _typed_plan(plan: Any) -> Any:
         raise ValueError(f"{store.RUN_PLAN}: {where}: {first['msg']}") from None
 
 
-def _load_run(root: Path, sweep: str, run_id: str) -> store.RunRecord:
+def _load_run(root: Path, sweep: str, run_id: str) -> records.RunRecord:
     """One run's stored files, validated; raises ValueError naming the file."""
     run = root / run_rel(sweep, run_id)
     missing = [n for n in REQUIRED_RUN_FILES if not os.path.lexists(run / n)]
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")
     parts = {n: _read_part(run / n, root) if os.path.lexists(run / n) else None for n in RUN_FILES}
-    plan, config, cluster, env, worker_env, summary = store.validate_parts(
+    plan, config, cluster, env, worker_env, summary = records.validate_parts(
         plan=_typed_plan(parts[store.RUN_PLAN]), config=parts[store.CONFIG], cluster=parts[store.CLUSTER] or {},
         env=parts[store.ENV] if parts[store.ENV] is not None else {},
         worker_env=parts[store.WORKER_ENV] if parts[store.WORKER_ENV] is not None else {},
         summary=parts[store.SUMMARY], folder=run)
     events = list(iter_mllog(root / log_rel(sweep, run_id), root=root))
-    return store.RunRecord(sweep=sweep, run_id=run_id, path=run, plan=plan, config=config, cluster=cluster,
+    return records.RunRecord(sweep=sweep, run_id=run_id, path=run, plan=plan, config=config, cluster=cluster,
                            env=env, worker_env=worker_env, summary=summary, events=events)
 
 

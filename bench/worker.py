@@ -34,7 +34,7 @@ from bench.memory import RunMemory
 from bench.models import build_model
 from bench.optim import build_optimizer
 from bench.plan import RunPlan
-from bench.step import TrainStep, summed_loss
+from bench.step import TrainStep, evaluate  # evaluate: also bench.memprobe's (shared pass)
 from bench.store import RunDir
 from bench.summary import SCHEMA_VERSION, Failure, RunSummary, TelemetrySummary
 from bench.workloads.data import Data
@@ -82,27 +82,6 @@ def _sync(device: torch.device) -> None:
 
 NOISE_READ_EVERY_PROBES = 256  # bounds the pending samples in a long epoch (one sync per 256 probes)
 LOSS_READ_EVERY_STEPS = 4096  # bounds the pending per-step losses between synchronisation points
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable[Batch], ctx: WorkerContext,
-             autocast: Callable[[], Any], device: torch.device) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) over a split's targets; each rank scores its share (the
-    feed's batches) and one all-reduce combines them: a single host read per evaluation."""
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
-    for x, y in batches:
-        with autocast():
-            logits = model(x)
-        valid = y != -100
-        totals[0] += ((logits.argmax(-1) == y) & valid).sum()
-        totals[1] += summed_loss(logits, y)
-        totals[2] += valid.sum()
-    if ctx.distributed:
-        dist.all_reduce(totals)
-    correct, loss_sum, count = totals.tolist()
-    model.train()
-    return correct / count, loss_sum / count
 
 
 class Trainer:
@@ -172,19 +151,8 @@ class Trainer:
                 "elapsed_s": round(time.perf_counter() - self.t_start, 6)}
 
     def log_hyperparameters(self) -> None:
-        p, opt = self.plan, self.sweep.optimizer
-        for key, value in [
-            (ev.SEED, p.seed), (ev.GLOBAL_BATCH_SIZE, p.global_batch_size), (ev.NUM_WORKERS, p.num_workers),
-            (ev.PER_WORKER_BATCH_SIZE, p.per_worker_batch_size), (ev.MICRO_BATCH_SIZE, p.micro_batch_size),
-            (ev.GRADIENT_ACCUMULATION_STEPS, p.grad_accum_steps), (ev.OPT_NAME, opt.name),
-            (ev.LR_SCALING_RULE, p.scaling), (ev.REFERENCE_LEARNING_RATE, p.reference_lr),
-            (ev.REFERENCE_BATCH_SIZE, p.reference_batch_size), (ev.OPT_BASE_LEARNING_RATE, p.peak_lr),
-            (ev.OPT_LEARNING_RATE_WARMUP_EPOCHS, p.warmup_epochs),
-            (ev.OPT_LEARNING_RATE_WARMUP_STEPS, p.warmup_steps), (ev.OPT_WEIGHT_DECAY, opt.weight_decay),
-            (ev.TRAIN_SAMPLES, p.num_train), (ev.EVAL_SAMPLES, p.num_test),
-            (ev.TRAIN_EVAL_SAMPLES, self.feed.train_eval_samples),
-            (ev.STEPS_PER_EPOCH, p.steps_per_epoch),
-        ]:
+        opt = self.sweep.optimizer
+        for key, value in ev.hyperparameters(self.plan, opt.name, opt.weight_decay, self.feed.train_eval_samples):
             self.emit(key, value)
 
     # --- evaluation ------------------------------------------------------------------------
@@ -194,9 +162,9 @@ class Trainer:
         if self.memory:
             self.memory.begin("eval")
         self.emit_interval(ev.EVAL_START, ev.INTERVAL_START, epoch_num=epoch)
-        train_acc, train_loss = evaluate(self.model, self.feed.eval_batches("train"), self.ctx,
+        train_acc, train_loss = evaluate(self.model, self.feed.eval_batches("train"), self.ctx.distributed,
                                          self.autocast, self.device)
-        test_acc, test_loss = evaluate(self.model, self.feed.eval_batches("test"), self.ctx,
+        test_acc, test_loss = evaluate(self.model, self.feed.eval_batches("test"), self.ctx.distributed,
                                        self.autocast, self.device)
         pos = self._position(epoch)
         for key, value in ((ev.TRAIN_ACCURACY, train_acc), (ev.TRAIN_LOSS, train_loss),

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from bench import analysis as an
-from bench.store import load_results
+from bench.records import load_results
 from fixtures_results import Eval, RunSpec, make_plan, sweep_config, write_run, write_sweep
 
 # test accuracy per epoch 0..5; 0.80 is first reached (>=, equality counts) after epoch 3

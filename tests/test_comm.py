@@ -315,11 +315,11 @@ def test_validation_predicts_a_known_overlap_leave_one_out():
 def test_validation_end_to_end_on_stored_runs(tmp_path, capsys):
     from fixtures_results import make_plan, write_sweep
 
-    from bench import store
+    from bench import records as stored
     from bench.perf.validate_comm import gradient_buckets, main, measured_points
 
     sweep = write_sweep(tmp_path / "results", "pairs", batches=(8, 16, 32), seeds=(0,), workers=(1, 2), epochs=4)
-    points, config = measured_points(store.load_results([sweep]))
+    points, config = measured_points(stored.load_results([sweep]))
     for p in points:  # the fixture's epochs take 0.02 (1 + 16 / B) / sqrt(W) s
         b = int(p.per_worker_batch_size * p.num_workers)
         spe = make_plan("pairs", b, num_workers=p.num_workers).steps_per_epoch
@@ -337,13 +337,13 @@ def test_validation_end_to_end_on_stored_runs(tmp_path, capsys):
 def test_model_from_records_reads_the_cluster_files_hardware(tmp_path):
     from fixtures_results import write_sweep
 
-    from bench import store
+    from bench import records as stored
     from bench.stepmodel import model_from_records
 
     hardware = {"interconnect": "NVLink 4 within a node; 8x InfiniBand NDR between nodes", "gpus_per_node": 8}
     sweep = write_sweep(tmp_path, "hw", batches=(8, 16), seeds=(0, 1), workers=(1,), epochs=3,
                         cluster={"name": "h100", "hardware": hardware})
-    records = store.load_results([sweep])
+    records = stored.load_results([sweep])
     model = model_from_records(records, gradient_bytes=GRAD)
     assert model.compute.num_workers == 1 and model.compute.batches == [8.0, 16.0]
     assert model.links.intra.beta_bytes_per_s == 450 * GB and model.links.inter.beta_bytes_per_s == 400 * GB

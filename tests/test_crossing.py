@@ -10,7 +10,7 @@ import pytest
 
 from bench import analysis as an
 from bench import crossing
-from bench.store import load_results
+from bench.records import load_results
 from fixtures_results import Eval, RunSpec, make_plan, sweep_config, write_run
 
 

@@ -42,7 +42,8 @@ from bench import safeio
 from bench.cli import main
 from bench.config import (MAX_YAML_BYTES, ClusterConfig, ConfigError, HardwareConfig, LRConfig,
                           OptimizerConfig, SweepConfig, TelemetryConfig, load_cluster, load_sweep)
-from bench.plan import PlanError, plan_sweep, resolve_micro_batch
+from bench.memprobe import resolve_micro_batch
+from bench.plan import PlanError, plan_sweep
 from bench.store import SweepDir, check_name
 from conftest import TINY_SWEEP
 

@@ -29,6 +29,7 @@ def _py(code: str) -> tuple[str, ...]:
     return ("-c", code)
 
 
+@pytest.mark.slow
 def test_runs_skips_cuts_off_and_resumes(tmp_path: Path, capsys) -> None:
     plan = [
         session.Step("writes", _py("import pathlib; pathlib.Path('results/h100').mkdir(parents=True, exist_ok=True);"

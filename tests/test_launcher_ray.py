@@ -74,8 +74,10 @@ def test_the_probe_joins_a_live_cluster(ray_session):
 
 @pytest.mark.parametrize("cluster, expect", [
     (ClusterConfig(name="c", resources_per_worker={"CPU": 1, "foo": 1}), "has no 'foo' resource at all"),
+    # TPU is refused at validation now; another resource the cluster lacks:
+    (ClusterConfig(name="c", resources_per_worker={"CPU": 1, "bigmem": 1}), "has no 'bigmem' resource at all"),
     (ClusterConfig(name="c", resources_per_worker={"CPU": 3}), "2 workers x 3 CPU = 6 CPU, but the Ray cluster has 4 CPU"),
-], ids=["custom", "cpus"])  # TPU is refused earlier, by the cluster file's validation
+], ids=["custom", "other", "cpus"])
 def test_the_live_cluster_check_names_the_missing_resource(ray_session, cluster, expect):
     assert ray_session.cluster_resources().get("CPU") == 4  # tests/conftest.py's session Ray
     with pytest.raises(LauncherError, match="^cluster 'c': cannot start 2 workers: ") as err:

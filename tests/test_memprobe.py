@@ -246,6 +246,7 @@ def test_rss_meter_sees_an_allocation_and_its_release() -> None:
     assert after < 16 * MIB
 
 
+@pytest.mark.slow
 def test_tiny_model_probe_on_cpu(tiny_sweep: Path, tmp_path: Path) -> None:
     """A real CPU probe, in a fresh process as `batchscale probe-memory` runs: in this one the
     earlier tests' freed memory (and the session's Ray threads) would be in the measurement."""
@@ -353,28 +354,29 @@ def test_training_step_input_paths(sweep, tmp_path: Path, augment: str, streamin
 
 def test_a_try_runs_the_workers_own_step_and_evaluation(tmp_path: Path, monkeypatch) -> None:
     """The probe has no training code of its own: a try is bench.step.TrainStep (with the noise
-    probe as its observer when the sweep measures it) and the eval check bench.worker.evaluate."""
-    import bench.worker
+    probe as its observer when the sweep measures it) and the eval check bench.step.evaluate, the
+    worker's evaluation pass."""
+    import bench.step
     from bench.noise import MicroBatchProbe
     from bench.step import TrainStep
 
     sweep = load_sweep(write_yaml(tmp_path / "n.yaml", TINY_SWEEP + "noise_scale_every_steps: 5\n"))[0]
     training = device.Training(sweep, device.input_spec(sweep), torch.device("cpu"))
     steps, evals = [], []
-    real_step, real_eval = TrainStep.__call__, bench.worker.evaluate
+    real_step, real_eval = TrainStep.__call__, bench.step.evaluate
 
     def spy_step(self, micro_batches, num_global, lr, *, observer=None):
         batches = list(micro_batches)
         steps.append(([len(y) for _, y in batches], num_global, lr, type(observer)))
         return real_step(self, batches, num_global, lr, observer=observer)
 
-    def spy_eval(model, batches, ctx, autocast, dev):
+    def spy_eval(model, batches, distributed, autocast, dev):
         batches = list(batches)
-        evals.append((model is training.model, [len(y) for _, y in batches], ctx.distributed))
-        return real_eval(model, batches, ctx, autocast, dev)
+        evals.append((model is training.model, [len(y) for _, y in batches], distributed))
+        return real_eval(model, batches, distributed, autocast, dev)
 
     monkeypatch.setattr(TrainStep, "__call__", spy_step)
-    monkeypatch.setattr(bench.worker, "evaluate", spy_eval)
+    monkeypatch.setattr(bench.step, "evaluate", spy_eval)
     device.ProbeStep(training, meter.CpuMeter(meter.RssMeter(), 0), repeats=2)(6)
     training.eval_chunk(7)
     assert steps == [([6] * device.ACCUM_MICRO_BATCHES, 6 * device.ACCUM_MICRO_BATCHES, sweep.lr.reference_lr,

@@ -116,7 +116,8 @@ def test_one_resolver_for_max_micro_batch_size(tmp_path, capsys):
     """resolve_micro_batch is what `run` (and --dry-run) uses: the same answer, the same refusal."""
     from bench.memprobe import fit as memfit
     from bench.cli import main
-    from bench.plan import plan_sweep, resolve_micro_batch
+    from bench.memprobe import resolve_micro_batch
+    from bench.plan import plan_sweep
 
     assert resolve_micro_batch(_auto_sweep(max_micro_batch_size=None), results_dir=tmp_path) is None
     assert resolve_micro_batch(_auto_sweep(max_micro_batch_size=32), results_dir=tmp_path) == 32

@@ -25,7 +25,7 @@ import pytest
 
 from bench import analysis
 from bench.planner import parse_duration_s, plan_capacity, plan_figure
-from bench.store import load_results
+from bench.records import load_results
 from fixtures_results import write_sweep
 
 MEASURED = [(32, 1, 3200.0, 300, 3.0), (64, 1, 6400.0, 200, 2.0), (128, 1, 10240.0, 150, 1.875),
@@ -213,12 +213,12 @@ def test_plan_figure(plan):
 def test_cli_plan(tmp_path, capsys):
     import argparse
 
-    from bench import planner
+    from bench import planner_cli
 
     sweep = write_sweep(tmp_path, "demo", batches=(4, 16, 64), seeds=(0, 1), epochs=30,
                         cluster={"name": "c", "hardware": {"price_per_gpu_hour": 3.0, "gpus_per_node": 8}})
     parser = argparse.ArgumentParser()
-    planner.register(parser.add_subparsers(dest="command"))
+    planner_cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["plan", str(sweep), "--target-accuracy", "0.8", "--deadline", "90m", "--max-gpus", "8"])
     assert args.func(args) == 0
     out = capsys.readouterr().out

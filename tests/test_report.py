@@ -123,6 +123,7 @@ def test_target_override_empty_and_corrupt(tmp_path):
     assert "No runs were found" in write_report([empty], tmp_path / "e.html").read_text()
 
 
+@pytest.mark.slow
 def test_eight_runs_of_200_epochs_in_under_10_s(tmp_path):
     """As the CLI runs it: a fresh process, imports included. CPU time is what is asserted, since
     the wall time on a shared 2-core machine depends on the neighbours."""
@@ -138,6 +139,7 @@ def test_eight_runs_of_200_epochs_in_under_10_s(tmp_path):
     assert (tmp_path / "eight.html").is_file()
 
 
+@pytest.mark.slow
 def test_hundred_runs_under_5_mb(tmp_path):
     big = write_sweep(tmp_path, "hundred", batches=(4, 8, 16, 32, 64, 96, 128, 192, 256, 500),
                       seeds=tuple(range(10)), epochs=12, s_min=10)
@@ -256,7 +258,7 @@ def test_figures_escape_names_and_render_tick_labels(sweep_dir):
     from bench import analysis as an
     from bench import report_figures as rf
     from bench.report import build_figures
-    from bench.store import load_results
+    from bench.records import load_results
 
     assert rf.tex("sw$a$") == r"sw\$a\$" and not cbook.is_math_text(rf.tex("sw$a$")) and cbook.is_math_text("sw$a$")
     records = [r for r in load_results([sweep_dir]) if r.damage is None]

@@ -91,7 +91,7 @@ def test_other_failures():
 
 
 def test_committed_shapes_gpu_divergences_never_reached_their_peak():
-    from bench.store import load_results
+    from bench.records import load_results
 
     if not (RESULTS / "shapes-gpu").is_dir():
         pytest.skip("results/shapes-gpu not in this checkout")
@@ -162,7 +162,7 @@ def test_v2_hardware_seen_two_nodes_on_a_one_node_claim():
 
 
 def test_committed_shapes_gpu_claims_eight_gpus_on_a_one_gpu_host():
-    from bench.store import load_results
+    from bench.records import load_results
 
     if not (RESULTS / "shapes-gpu").is_dir():
         pytest.skip("results/shapes-gpu not in this checkout")

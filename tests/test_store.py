@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 
 from bench import safeio
 from bench.cli import main
-from bench.store import RunRecord, RunSkipped, SweepDir, load_results
+from bench.store import RunSkipped, SweepDir
+from bench.records import RunRecord, load_results
 from fixtures_results import Eval, RunSpec, make_plan, sweep_config, write_run
 
 SECRET = "SECRET-CONTENT-NEVER-SHOWN"
@@ -287,6 +288,7 @@ def apply_damage(run: Path, name: str, kind: str, arg: Any, stack: contextlib.Ex
     # "delete": nothing more
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None, database=None, derandomize=True, print_blob=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(edits=damages())

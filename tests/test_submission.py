@@ -277,3 +277,20 @@ def test_cli_submit_check_compare(tmp_path, capsys):
     assert _cli(["compare", str(out), "-o", str(tmp_path / "c.html")]) == 0
     with pytest.raises(UserError):
         _cli(["submit", str(results), "--system", str(CLUSTER), "-o", str(out)])
+
+
+def test_an_lr_search_sweep_is_not_submitted(tmp_path, capsys):
+    """Trials at several LRs per batch are not a submission (MLPerf: one set of hyperparameters)."""
+    import json
+
+    from bench.cli import main
+
+    sweep = write_sweep(tmp_path / "results", "lrs", batches=(4, 16), seeds=(0,), epochs=10)
+    trial = next(sweep.glob("gbs000004*"))
+    plan = json.loads((trial / "run.json").read_text())
+    (trial / "run.json").write_text(json.dumps({**plan, "lr_factor": 2.0, "stage": 1}))
+    system = tmp_path / "c.yaml"
+    system.write_text("name: c\n")
+    code = main(["submit", str(sweep), "--system", str(system), "-o", str(tmp_path / "sub")])
+    err = capsys.readouterr().err
+    assert code == 2 and "at another LR than the rule's" in err and not (tmp_path / "sub").exists()

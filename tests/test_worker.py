@@ -207,6 +207,7 @@ def _rank_main(rank: int, world: int, port: int, root: str, out: dict, over: dic
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_one_worker(tmp_path: Path):
     """Data parallelism must not change the algorithm: 2 x 25 equals 1 x 50."""
     single = run_one(tmp_path / "one", sweep_of(global_batch_sizes=[50]))[2]
@@ -220,6 +221,7 @@ def test_two_gloo_ranks_match_one_worker(tmp_path: Path):
     assert (tmp_path / "two" / "t" / "gbs000050-w002-s0" / "telemetry-rank1.csv").exists()
 
 
+@pytest.mark.slow
 def test_noise_probe_under_ddp_leaves_training_unchanged(tmp_path: Path):
     """Two ranks: the probe rides in DDP's communication hook (per-worker vs global gradient)."""
     single = run_one(tmp_path / "one", sweep_of(global_batch_sizes=[50]))[2]
@@ -237,7 +239,7 @@ def test_noise_probe_under_ddp_leaves_training_unchanged(tmp_path: Path):
 def test_a_step_evaluated_run_reads_back_whole(tmp_path: Path):
     """What the driver stores (the whole config dumped) validates again when read: a run with
     eval_every_steps is not taken for damaged. Paths may come with '..' in the root."""
-    from bench.store import load_results
+    from bench.records import load_results
 
     sweep = sweep_of(eval_every_steps=5, epochs=1)
     plan = plan_sweep(sweep)[0]

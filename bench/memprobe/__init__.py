@@ -22,7 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.errors import EXIT_FAILED, ConfigError, UserError
+from bench.errors import EXIT_FAILED, ConfigError, PlanError, UserError
 from bench.memprobe.fit import (DEFAULT_RESOLUTION, DEFAULT_SAFETY_MARGIN, ProbeMismatch, Try, default_output,
                                 format_mib as _mib, micro_batch_for_auto, micro_batch_per_worker_batch, nothing_fits,
                                 write_probe)
@@ -31,6 +31,24 @@ from bench.memprobe.meter import fix_mmap_threshold
 __all__ = ["ProbeMismatch", "cmd_probe_memory", "micro_batch_for_auto", "register"]
 
 GIB = 2**30
+
+
+
+def resolve_micro_batch(sweep, *, results_dir: str | Path = "results",
+                        use_gpu: bool | None = None) -> int | dict[int, int] | None:
+    """The one resolver of the sweep's ``max_micro_batch_size``, for every caller that plans a
+    sweep (``batchscale run``, ``--dry-run``, the tests' oracle): None (no cap) and an integer cap
+    are themselves; ``auto`` is the memory probe's micro-batch per per-worker batch, read from
+    RESULTS_DIR/<sweep>/memory-probe.json by ``bench.memprobe.micro_batch_for_auto`` (measured on
+    GPUs or CPUs as ``use_gpu`` says). No usable probe raises PlanError saying what to run.
+    Lives with the probe (not in the pure bench.plan) because it reads the probe's file."""
+    cap = sweep.max_micro_batch_size
+    if cap != "auto":
+        return cap
+    try:
+        return micro_batch_for_auto(sweep, results_dir, use_gpu=use_gpu)[0]
+    except ProbeMismatch as err:
+        raise PlanError(str(err)) from None
 
 
 def cmd_probe_memory(args: argparse.Namespace) -> int:

@@ -3,7 +3,7 @@ micro-batches until one runs out of memory, and returns a ``ProbeResult``.
 
 Owns: what a try runs (``Training``: the sweep's model and optimizer built as the worker builds
 them, ``bench.step.TrainStep`` over ``ACCUM_MICRO_BATCHES`` random micro-batches of the data's
-shape, one evaluation chunk through ``bench.worker.evaluate``), out-of-memory caught and freed
+shape, one evaluation chunk through ``bench.step.evaluate``), out-of-memory caught and freed
 between tries, the memory reserved for what a try does not build (the resident data sets, DDP's
 gradient buckets), and the budget the prediction may use. How a try's peak is read is
 bench.memprobe.meter's; the search, fit and file are bench.memprobe.fit's; what is measured and
@@ -118,11 +118,11 @@ class Training:
                         observer=observer)
 
     def eval_chunk(self, n: int) -> None:
-        """The worker's evaluation (bench.worker.evaluate) over one chunk of n samples."""
-        from bench.worker import WorkerContext, evaluate
+        """The worker's evaluation (bench.step.evaluate) over one chunk of n samples."""
+        from bench.step import evaluate
 
         chunk = ((self.batch(n, augment=False), self.labels(n)) for _ in range(1))
-        evaluate(self.model, chunk, WorkerContext(device=self.device), self.autocast, self.device)
+        evaluate(self.model, chunk, False, self.autocast, self.device)
 
     def reset(self) -> None:
         """After a failed try: drop partial gradients."""

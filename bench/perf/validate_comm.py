@@ -122,6 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from bench import store
+    from bench import records as stored
     from bench.perf.allreduce import load
 
     args = parse_args(argv)
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             link = load(args.allreduce).link(str(args.allreduce))
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", store.RunSkipped)
-                records = store.load_results(args.results)
+                records = stored.load_results(args.results)
         except (ValueError, store.StoreError) as err:
             raise UserError(str(err)) from None
         for w in caught:
