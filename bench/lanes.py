@@ -11,7 +11,7 @@ What a lane leaves in ``results/<sweep>/.ray/`` (bench.groupstate's JSON-line re
 when each attempt's loop was entered (start-up, restarts), when a worker failed, and one line per
 run it took (run id, node, the epoch it resumed from): where each run ran, attempt by attempt.
 
-Only this module and bench.launcher import ray (inside functions: importing them stays cheap).
+Must not import: pandas. Ray only inside functions (as in bench.launcher), so importing this stays cheap.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from bench.perf.concurrency import makespan, paper, parse_side
 from bench.placement import worker_slots
 from bench.plan import plan_sweep
 from bench.pool import RunBook, Snapshot, lanes_to_start
+from bench.progress import SweepProgress
 from bench.store import SweepDir
 from bench.worker import WorkerContext, execute_run
 from conftest import write_yaml
@@ -134,6 +135,25 @@ def test_no_run_is_lost_or_held_twice_whatever_happens(ops):
     waiting = sum(snap.queued.values())
     holding = sum(snap.held.values())
     assert waiting + holding + len(snap.given_up) + len(finished) == len(runs)
+
+
+# --- the progress display with runs at once ------------------------------------------------------
+
+def test_progress_shows_runs_in_flight_together_and_where_they_are(tmp_path: Path):
+    logs = {rid: ev.EventLog(tmp_path / f"{rid}.jsonl", mode="w") for rid in ("r1", "r2")}
+    printed: list[str] = []
+    where = {"r1": "lane 1, node 1a2b3c4d", "r2": "lane 2, node 9f8e7d6c"}
+    progress = SweepProgress([(rid, tmp_path / f"{rid}.jsonl", 2) for rid in logs], print_fn=printed.append,
+                             use_rich=False, where=where.get)
+    for log in logs.values():
+        log.log(ev.RUN_START, None, event_type=ev.INTERVAL_START)
+    progress._update()
+    assert printed == ["r1: started (lane 1, node 1a2b3c4d) (1 running)", "r2: started (lane 2, node 9f8e7d6c) (2 running)"]
+    logs["r2"].log(ev.RUN_STOP, None, event_type=ev.INTERVAL_END, metadata={"status": "success"})
+    progress._update()
+    assert printed[-1] == "[1/2] r2: success after 0 epochs (lane 2, node 9f8e7d6c)"
+    for log in logs.values():
+        log.close()
 
 
 # --- how many lanes, how many workers ------------------------------------------------------------
