@@ -214,31 +214,30 @@ def test_a_side_is_n_or_auto_with_or_without_a_start_per_run():
 
 # --- through Ray (slow) --------------------------------------------------------------------------
 
-CONCURRENT = """\
-name: together
-workload: blobs
-lr: {reference_lr: 0.02, reference_batch_size: 32, scaling: none}
-epochs: 100
-max_steps: 1500
-global_batch_sizes: [10, 16, 20, 25]
-num_workers: [1]
-seeds: [0]
-target_accuracy: 0.5
-telemetry: {enabled: false}
-max_concurrent_runs: 2
-"""
+BLOBS = {"workload": "blobs", "lr": {"reference_lr": 0.02, "reference_batch_size": 32, "scaling": "none"},
+         "epochs": 100, "num_workers": [1], "seeds": [0], "target_accuracy": 0.5, "telemetry": {"enabled": False}}
+
+
+def blobs_sweep(name: str, **keys) -> str:
+    """A small blobs sweep's YAML (shared with tests/test_multinode.py)."""
+    return yaml.safe_dump({"name": name, **BLOBS, **keys}, sort_keys=False)
+
+
+CONCURRENT = blobs_sweep("together", max_steps=1500, global_batch_sizes=[10, 16, 20, 25], max_concurrent_runs=2)
 
 
 def run_span_ms(events_path: Path) -> tuple[int, int]:
+    """When a run held its lane: init_start (its set-up is part of it) to run_stop."""
     events = ev.read_events(events_path)
-    start = next(e["time_ms"] for e in events if e["key"] == ev.INIT_START)  # its set-up is part of it
-    stop = next(e["time_ms"] for e in events if e["key"] == ev.RUN_STOP)
-    return start, stop
+    start = next(e["time_ms"] for e in events if e["key"] == ev.INIT_START)
+    return start, next(e["time_ms"] for e in events if e["key"] == ev.RUN_STOP)
 
 
 def lane_records(sweep_dir: Path) -> list[dict]:
-    return [json.loads(line) for path in sorted((sweep_dir / ".ray").glob("*.runs.jsonl"))
-            for line in path.read_text().splitlines()]
+    """Every run taken by a lane (results/<sweep>/.ray/*.runs.jsonl), in the order taken."""
+    out = [json.loads(line) for path in sorted((sweep_dir / ".ray").glob("*.runs.jsonl"))
+           for line in path.read_text().splitlines() if line.strip()]
+    return sorted(out, key=lambda r: r["unix_s"])
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ What only a real cluster shows (NCCL across nodes, shared-storage latency) is in
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from bench.config import SweepConfig
 from bench.plan import plan_sweep
 from bench.store import SweepDir
 from conftest import REPO, write_yaml
+from test_concurrency import blobs_sweep, lane_records, run_span_ms
+from test_reliability import _finish
 
 pytestmark = pytest.mark.slow
 
@@ -59,46 +60,13 @@ def driver(tmp_path: Path, cluster, sweep_text: str, cluster_text: str = "") -> 
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=DEADLINE_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"driver did not exit within {DEADLINE_S} s:\n{out}\n{err[-3000:]}")
-    return proc.returncode, out, err
-
-
-def lane_records(sweep_dir: Path) -> list[dict]:
-    out = []
-    for path in sorted((sweep_dir / ".ray").glob("*.runs.jsonl")):
-        out += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return sorted(out, key=lambda r: r["unix_s"])
-
-
-def run_span_ms(events: list[dict]) -> tuple[int, int]:
-    start = next(e["time_ms"] for e in events if e["key"] == ev.INIT_START)  # its set-up is part of it
-    return start, next(e["time_ms"] for e in events if e["key"] == ev.RUN_STOP)
-
-
-SPREAD = """\
-name: spread
-workload: blobs
-lr: {reference_lr: 0.02, reference_batch_size: 32, scaling: none}
-epochs: 100
-max_steps: 2000
-global_batch_sizes: [10, 20]
-num_workers: [1, 2]
-seeds: [0]
-target_accuracy: 0.5
-telemetry: {enabled: false}
-max_concurrent_runs: auto
-"""
+SPREAD = blobs_sweep("spread", max_steps=2000, global_batch_sizes=[10, 20], num_workers=[1, 2],
+                     max_concurrent_runs="auto")
 
 
 def test_runs_land_on_both_nodes_and_a_gloo_run_over_two_nodes_equals_one_process(two_nodes, tmp_path: Path):
     cluster, names, _ = two_nodes
-    code, out, err = finish(driver(tmp_path, cluster, SPREAD))
+    code, out, err = _finish(driver(tmp_path, cluster, SPREAD), DEADLINE_S)
     assert code == 0, f"{out}\n{err[-3000:]}"
     assert "max_concurrent_runs auto: up to 2 runs of 1 worker at once (the cluster holds 2 workers of {CPU: 1})" in out
     folder = tmp_path / "r" / "spread"
@@ -114,7 +82,7 @@ def test_runs_land_on_both_nodes_and_a_gloo_run_over_two_nodes_equals_one_proces
     assert sorted(names[r["node_id"]] for r in single) == ["a", "b"]
     for r in single:
         assert summaries[r["run_id"]].hardware.nodes == [r["node_id"]]
-    (s1, e1), (s2, e2) = (run_span_ms(ev.read_events(folder / r["run_id"] / "events.jsonl")) for r in single)
+    (s1, e1), (s2, e2) = (run_span_ms(folder / r["run_id"] / "events.jsonl") for r in single)
     assert s1 < e2 and s2 < e1, "the two one-worker runs did not overlap"
 
     # The two-worker runs: a 1-CPU node holds one worker, so their ranks sit on both nodes (gloo
@@ -129,18 +97,7 @@ def test_runs_land_on_both_nodes_and_a_gloo_run_over_two_nodes_equals_one_proces
         assert spread.final_test_acc == pytest.approx(one.final_test_acc, abs=0.005)
 
 
-REMOVAL = """\
-name: removal
-workload: blobs
-lr: {reference_lr: 0.02, reference_batch_size: 32, scaling: none}
-epochs: 40
-global_batch_sizes: [5, 8, 10]
-num_workers: [1]
-seeds: [0]
-target_accuracy: 0.5
-telemetry: {enabled: false}
-max_concurrent_runs: auto
-"""
+REMOVAL = blobs_sweep("removal", epochs=40, global_batch_sizes=[5, 8, 10], max_concurrent_runs="auto")
 
 
 def test_a_removed_node_costs_only_its_run_in_flight_which_resumes_from_its_checkpoint(two_nodes, tmp_path: Path):
@@ -159,7 +116,7 @@ def test_a_removed_node_costs_only_its_run_in_flight_which_resumes_from_its_chec
     assert not (folder / on_b / "summary.json").exists(), "node b's run ended before its node could be removed"
     cluster.remove_node(handles["b"])
     try:
-        code, out, err = finish(proc)
+        code, out, err = _finish(proc, DEADLINE_S)
     finally:  # the module's cluster gets its second node back
         handles["b"] = cluster.add_node(num_cpus=1, resources={"node_b": 1})
         names[handles["b"].node_id] = "b"

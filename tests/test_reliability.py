@@ -503,13 +503,14 @@ def _wait_for(predicate, proc: subprocess.Popen, what: str) -> None:
         time.sleep(0.1)
 
 
-def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+def _finish(proc: subprocess.Popen, deadline_s: float = DEADLINE_S) -> tuple[int, str, str]:
+    """A driver subprocess's (exit code, stdout, stderr); the test fails if it runs past the deadline."""
     try:
-        out, err = proc.communicate(timeout=DEADLINE_S)
+        out, err = proc.communicate(timeout=deadline_s)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-        pytest.fail(f"driver did not exit within {DEADLINE_S} s:\n{out}\n{err[-3000:]}")
+        pytest.fail(f"driver did not exit within {deadline_s:g} s:\n{out}\n{err[-3000:]}")
     return proc.returncode, out, err
 
 
