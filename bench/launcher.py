@@ -44,7 +44,7 @@ from bench.clusterprobe import check_reachable, probe
 from bench.config import ClusterConfig, SweepConfig
 from bench.errors import LauncherError
 from bench.groupstate import Restart, attempts, driver_lock, read_json_records, read_records
-from bench.placement import placement_problem, worker_resources, worker_slots, workers
+from bench.placement import fmt_resources, placement_problem, worker_resources, worker_slots, workers
 from bench.pool import lanes_to_start
 from bench.plan import RunPlan
 from bench.store import SweepDir
@@ -252,12 +252,8 @@ def concurrency(setting: int | str, cluster: ClusterConfig, plans: list[RunPlan]
     text = ""
     if setting != 1:
         text = (f"max_concurrent_runs {setting}: up to {at_once} run{'s' * (at_once != 1)} of {workers(smallest)} "
-                f"at once (the cluster holds {slots} workers of {_fmt(need)})")
+                f"at once (the cluster holds {slots} workers of {fmt_resources(need)})")
     return Concurrency(max_lanes, slots, at_once, text)
-
-
-def _fmt(resources: dict[str, float]) -> str:
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
 
 
 @dataclass

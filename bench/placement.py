@@ -44,7 +44,8 @@ def workers(n: int) -> str:
     return f"{n} worker{'s' * (n != 1)}"
 
 
-def _fmt(resources: Mapping[str, float]) -> str:
+def fmt_resources(resources: Mapping[str, float]) -> str:
+    """'{CPU: 8, GPU: 1}'."""
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
 
 
@@ -76,7 +77,7 @@ def placement_problem(need: Mapping[str, float], num_workers: int, nodes: Iterab
     ceiling = " at most" if max_totals else ""
     missing = [name for name in need if totals.get(name, 0.0) <= 0]
     if missing:
-        return (f"each worker needs {_fmt(need)}, but {where} has no {missing[0]!r} resource"
+        return (f"each worker needs {fmt_resources(need)}, but {where} has no {missing[0]!r} resource"
                 f"{' at all' if not max_totals else ', nor can its autoscaler add it'} (it has {_names(totals)})")
     for name, amount in sorted(need.items()):
         wanted = amount * num_workers
@@ -88,10 +89,10 @@ def placement_problem(need: Mapping[str, float], num_workers: int, nodes: Iterab
         if fit < num_workers:
             shapes: dict[str, list[int]] = {}  # node shape (the needed names only) -> [nodes, workers each]
             for node in nodes:
-                entry = shapes.setdefault(_fmt({k: node.get(k, 0.0) for k in need}), [0, workers_per_node(need, node)])
+                entry = shapes.setdefault(fmt_resources({k: node.get(k, 0.0) for k in need}), [0, workers_per_node(need, node)])
                 entry[0] += 1
             held = "; ".join(f"{n} node{'s' * (n > 1)} with {shape}: {each} each" for shape, (n, each) in shapes.items())
-            return (f"each worker needs {_fmt(need)} on one node, and the nodes of {where} hold only {fit} "
+            return (f"each worker needs {fmt_resources(need)} on one node, and the nodes of {where} hold only {fit} "
                     f"such workers ({held})")
     return None
 
