@@ -38,6 +38,7 @@ PACKAGED_SWEEPS = Path(__file__).parent / "sweeps"
 MAX_YAML_BYTES = safeio.LIMITS["config"]  # a sweep file is a few KB; larger files are refused unread
 MAX_YAML_VALUES = 10_000  # a sweep file has a few hundred; a flat list of 300,000 is refused in milliseconds
 MAX_EPOCHS = 100_000
+MAX_CONCURRENT_RUNS = 4096
 MIN_LR_TRIALS, MAX_LR_TRIALS = 3, 32  # LRs per batch in an lr_search (the rule's counts for factors)
 
 
@@ -157,6 +158,9 @@ class SweepConfig(StrictModel):
     divergence_loss_factor: Float = Field(10.0, gt=1.0, description="diverged if loss > factor x initial")
     noise_scale_every_steps: Int = Field(0, ge=0, le=1_000_000, description="0: off")
     telemetry: TelemetryConfig = TelemetryConfig()
+    # Runs at once (bench.launcher): N, or auto (as many worker groups as the cluster's resources
+    # hold at once). How the sweep is run, not what it measures: left out of config_hash.
+    max_concurrent_runs: IntOrAuto = 1
     lr_search: Optional[LRSearchConfig] = None  # a learning-rate search per batch (docs/lr-search.md)
 
     @field_validator("name")
@@ -202,6 +206,12 @@ class SweepConfig(StrictModel):
             raise ValueError("eval_every_steps and eval_every_epochs: give one of them")
         return self
 
+    @field_validator("max_concurrent_runs", mode="before")
+    @classmethod
+    def _concurrency(cls, v: Any) -> Any:
+        if v is None or (type(v) is int and not 1 <= v <= MAX_CONCURRENT_RUNS):
+            raise ValueError(f"must be 1..{MAX_CONCURRENT_RUNS} or 'auto'")
+        return int_or_auto(v)
     @model_validator(mode="after")
     def _search_seeds(self) -> "SweepConfig":
         chosen = self.lr_search.search_seeds if self.lr_search is not None else None
@@ -246,7 +256,9 @@ class SweepConfig(StrictModel):
 
     def config_hash(self) -> str:
         # Defaults left out: a key added later (at its default) does not change old sweeps' hash.
-        blob = json.dumps(self.model_dump(mode="json", exclude_defaults=True), sort_keys=True).encode()
+        # max_concurrent_runs is left out too: a sweep resumed with other concurrency is the same sweep.
+        blob = json.dumps(self.model_dump(mode="json", exclude_defaults=True, exclude={"max_concurrent_runs"}),
+                          sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

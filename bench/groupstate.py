@@ -2,9 +2,10 @@
 is alive, and when each attempt of the group started.
 
 Owns: rank 0's checkpoint writer (``WorkerContext.save_checkpoint``) and the loader a restarted
-group resumes from; ``DriverLock`` (``WorkerContext.driver_alive``); the attempt records (one JSON
-line per loop entry, written by rank 0, and per failure, written by Ray Train's controller) and
-the start-up / restart times the driver reports from them. File names inside a run folder come
+group (or another lane, after a failure) resumes from; ``DriverLock`` (``WorkerContext.driver_alive``);
+the JSON-line records (per lane: one line per loop entry and per run taken, written by rank 0,
+and per failure, written by Ray Train's controller) and the start-up / restart times the driver
+reports from them. File names inside a run folder come
 from bench.store (``RunDir.checkpoint_path``, ``RunDir.write_checkpoint``, ``store.LOCK``).
 
 Must not import: ray, pandas; torch only inside the checkpoint functions (they run in workers).
@@ -108,16 +109,28 @@ def append_record(path: str, record: dict) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
-def read_records(path: Path, root: Path) -> list[tuple[float, str]]:
-    """(unix_s, cause) of each record in an attempts file; a missing file or bad line is skipped."""
+def read_json_records(path: Path, root: Path) -> list[dict]:
+    """Every JSON object line of a records file; a missing file or a bad line is skipped."""
     out = []
     if path.exists():
         for _, line in safeio.iter_lines(path, "events", root=root):
             try:
                 record = json.loads(line)
-                out.append((float(record["unix_s"]), str(record.get("cause", ""))))
-            except (ValueError, KeyError, TypeError):
+            except ValueError:
                 continue
+            if isinstance(record, dict):
+                out.append(record)
+    return out
+
+
+def read_records(path: Path, root: Path) -> list[tuple[float, str]]:
+    """(unix_s, cause) of each record in an attempts file; a missing file or bad line is skipped."""
+    out = []
+    for record in read_json_records(path, root):
+        try:
+            out.append((float(record["unix_s"]), str(record.get("cause", ""))))
+        except (ValueError, KeyError, TypeError):
+            continue
     return out
 
 

@@ -1,10 +1,12 @@
-"""The launcher: the only module that imports ray.
+"""The launcher: connecting to Ray, and deciding how many lanes run the sweep at once.
 
 Owns: connecting to the cluster named by the cluster file (or starting a local Ray), refusing a
-worker group that can never start, and running the planned runs through Ray Train's
-``TorchTrainer`` with one worker group per (sweep, worker count). The group's loop runs its runs
-one after another and skips those the results store already holds complete, which is also how an
-interrupted sweep resumes.
+worker group that can never start, and running the planned runs on *lanes* (bench.lanes): Ray
+Train worker groups that each take runs of their worker count from the run book (bench.pool)
+until none is left. ``max_concurrent_runs`` (sweep file) says how many lanes may run at once;
+``auto`` as many as the cluster's workers hold (bench.placement.worker_slots). Where each lane's
+workers go is Ray's decision (Ray Train's placement group). Complete runs are never planned
+again (bench.runner), which is also how an interrupted sweep resumes.
 
 Failing fast and quietly, in this order (bench.runner calls these around its folder checks):
 
@@ -18,42 +20,49 @@ Failing fast and quietly, in this order (bench.runner calls these around its fol
   A local Ray starts with ``RAY_AUTH_MODE`` set explicitly (to ``token``, Ray's own default), which
   is the supported way to keep Ray's token-authentication notice off the terminal.
 
-Inside the workers: rank 0 writes checkpoints straight into the run folder (``checkpoint.pt``) and a
-restarted group resumes from there; metrics and checkpoints never go through ``ray.train.report``
+Inside the workers (bench.lanes): rank 0 writes checkpoints straight into the run folder
+(``checkpoint.pt``), and whichever lane takes the run next after a failure resumes from there; metrics and checkpoints never go through ``ray.train.report``
 (a barrier, 1.3-1.9 s per call with Ray 2.60). Every rank can ask whether its driver still holds
-the sweep's lock (``DriverLock``): a run whose driver is gone is not completed. Ray is imported
-inside functions so that ``import bench.launcher`` stays cheap.
+the sweep's lock (``DriverLock``): a run whose driver is gone is not completed. Only this module
+and bench.lanes import ray, inside functions, so that ``import bench.launcher`` stays cheap.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sys
-import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Callable
 
-from bench import faults
+from bench import faults, lanes
 from bench.clusterprobe import check_reachable, probe
 from bench.config import ClusterConfig, SweepConfig
 from bench.errors import LauncherError
-from bench.groupstate import (CheckpointWriter, Restart, append_record, attempts, driver_lock,
-                               load_checkpoint, read_records)
-from bench.placement import placement_problem, worker_resources, workers
+from bench.groupstate import Restart, attempts, driver_lock, read_json_records, read_records
+from bench.placement import fmt_resources, placement_problem, worker_resources, worker_slots, workers
+from bench.pool import lanes_to_start
 from bench.plan import RunPlan
 from bench.store import SweepDir
 
 
 @dataclass
 class GroupStart:
+    """What one lane (worker group) did."""
+
     num_workers: int
-    num_runs: int
+    num_runs: int  # distinct runs it took
     start_s: float | None = None  # fit() called -> the first attempt's loop entered
     restarts: list[Restart] = field(default_factory=list)
     checkpoint_s: float = 0.0  # rank 0's time writing checkpoints (last attempt)
     num_checkpoints: int = 0
+    lane: int = 1  # numbered in the order the lanes started
+    nodes: list[str] = field(default_factory=list)  # its rank 0's Ray nodes (short ids), on >1 node
+    error: str | None = None  # why it failed for good, in one line
 
 
 @dataclass
@@ -209,109 +218,132 @@ def shutdown() -> None:
     _STARTED_HERE = False
 
 
-# --- the worker group's loop (runs inside each Ray Train worker) ----------------------------
+# --- running the sweep: lanes, as many at once as allowed and as fit ---------------------------
 
-def _group_loop(config: dict) -> dict:
-    import torch
-    import torch.distributed as dist
+POLL_S = 0.5  # the driver's look at the run book and its lanes
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    max_lanes: int  # max_concurrent_runs (auto: one lane per run at most)
+    worker_slots: int  # workers the cluster holds at once (bench.placement.worker_slots)
+    at_once: int  # runs of the smallest worker count that go at once
+    text: str  # what to tell the user; empty when runs go one at a time as asked
+
+
+def num_alive_nodes() -> int:
     import ray
-    import ray.train
-    import ray.train.torch
 
-    from bench.worker import WorkerContext, execute_run
-
-    rctx = ray.train.get_context()
-    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
-    ctx = WorkerContext(rank=rctx.get_world_rank(), world_size=rctx.get_world_size(),
-                        local_rank=rctx.get_local_rank(), device=device,
-                        node_id=ray.get_runtime_context().get_node_id())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
-    writer = CheckpointWriter(config["sweep_dir"])
-    ctx.checkpoint_every_epochs = config["checkpoint_every_epochs"]
-    ctx.save_checkpoint = writer
-    ctx.after_epoch = config["after_epoch"]
-    ctx.driver_alive = config["driver_alive"]
-    if ctx.rank == 0:
-        append_record(config["entered_log"], {"unix_s": time.time()})
-    sweep = SweepConfig.model_validate(config["sweep"])
-    sweep_dir = SweepDir(config["sweep_dir"])
-    plans = [RunPlan.from_dict(d) for d in config["plans"]]
-    # Rank 0 decides which runs are still missing; every rank follows the same list.
-    pending = [[p.run_id for p in plans if not sweep_dir.run(p.run_id).is_complete()]]
-    if ctx.distributed:
-        dist.broadcast_object_list(pending, src=0)
-    statuses = {}
-    for plan in plans:
-        if plan.run_id not in pending[0]:
-            continue
-        go = [ctx.driver_alive is None or ctx.driver_alive()] if ctx.rank == 0 else [None]
-        if ctx.distributed:
-            dist.broadcast_object_list(go, src=0)
-        if not go[0]:  # the driver is gone: start nothing more (Ray ends this group soon)
-            break
-        run_dir = sweep_dir.run(plan.run_id)
-        statuses[plan.run_id] = execute_run(plan, sweep, run_dir, ctx, restored=load_checkpoint(run_dir)).status
-        if ctx.rank == 0 and run_dir.is_complete():
-            run_dir.checkpoint_path.unlink(missing_ok=True)
-    return {"statuses": statuses, "checkpoint_s": writer.seconds, "num_checkpoints": writer.count}
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
-# --- driver side ----------------------------------------------------------------------------
+def concurrency(setting: int | str, cluster: ClusterConfig, plans: list[RunPlan]) -> Concurrency:
+    """How many lanes may run at once: ``max_concurrent_runs`` (N; auto sets no limit of its own),
+    within the workers the live cluster (or its autoscaler's ceiling) holds at once. Ray places
+    each lane's workers; this only decides how many lanes ask."""
+    import ray
 
-def run_groups(sweep: SweepConfig, cluster: ClusterConfig, sweep_dir: SweepDir, plans: list[RunPlan],
-               *, on_group: Callable[[GroupStart], None] | None = None) -> LaunchReport:
-    """Run the given (pending) plans: one TorchTrainer per worker count, in order. The caller
-    holds the sweep's lock (the workers check that it still does)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig, UserCallback
-    from ray.train.torch import TorchConfig, TorchTrainer
+    need = worker_resources(cluster.resources_per_worker, cluster.use_gpu)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    slots = worker_slots(need, nodes, max_totals=autoscaler_max_resources())
+    max_lanes = max(1, len(plans)) if setting == "auto" else int(setting)
+    smallest = min((p.num_workers for p in plans), default=1)
+    at_once = min(max_lanes, max(1, slots // smallest), sum(p.num_workers == smallest for p in plans) or 1)
+    text = ""
+    if setting != 1:
+        text = (f"max_concurrent_runs {setting}: up to {at_once} run{'s' * (at_once != 1)} of {workers(smallest)} "
+                f"at once (the cluster holds {slots} workers of {fmt_resources(need)})")
+    return Concurrency(max_lanes, slots, at_once, text)
 
-    class FailureRecorder(UserCallback):
-        """On Ray Train's controller: when a worker fails, note the time (for 'N s to resume')."""
 
-        def __init__(self, path: str) -> None:
-            self.path = path
+@dataclass
+class _Lane:
+    index: int
+    num_workers: int
+    files: lanes.LaneFiles
+    thread: lanes.FitThread
+    fit_unix_s: float
 
-        def after_exception(self, run_context: Any, worker_exceptions: dict) -> None:
-            causes = sorted({type(e).__name__ for e in worker_exceptions.values()})
-            append_record(self.path, {"unix_s": time.time(), "cause": ", ".join(causes)})
 
-    report = LaunchReport()
+def run_groups(sweep: SweepConfig, cluster: ClusterConfig, sweep_dir: SweepDir, plans: list[RunPlan], *,
+               on_group: Callable[[GroupStart], None] | None = None,
+               on_holders: Callable[[dict[str, tuple[int, str | None]]], None] | None = None,
+               limits: Concurrency | None = None, runs_per_lane: int | None = None) -> LaunchReport:
+    """Run the given (pending) plans on lanes: worker groups that each take runs of their worker
+    count from the run book until none is left. As many lanes run at once as ``limits`` allow
+    (smallest worker count first); a lane that ends while runs of its count wait or were handed
+    back is replaced; a lane that failed for good (Ray Train's restarts used up) lets the others
+    finish and then fails the sweep. ``runs_per_lane``: end each lane after that many runs (one
+    start per run; bench.perf.concurrency compares it with the pool). The caller holds the
+    sweep's lock (the workers check that it still does)."""
+    import ray
+
+    limits = limits or concurrency(sweep.max_concurrent_runs, cluster, plans)
+    records = (sweep_dir.path / ".ray").resolve()
+    records.mkdir(parents=True, exist_ok=True)
+    resources = worker_resources(cluster.resources_per_worker, cluster.use_gpu)
     by_workers: dict[int, list[RunPlan]] = {}
     for plan in plans:
         by_workers.setdefault(plan.num_workers, []).append(plan)
-    records = (sweep_dir.path / ".ray").resolve()
-    records.mkdir(parents=True, exist_ok=True)
-    storage = cluster.storage_path or str(records)
-    resources = worker_resources(cluster.resources_per_worker, cluster.use_gpu)
     fault, alive = faults.from_environment(), driver_lock(sweep_dir)
-    for num_workers, group in sorted(by_workers.items()):
-        name = f"{sweep.name}-w{num_workers}-{time.time_ns()}"
-        entered, failed = records / f"{name}.entered.jsonl", records / f"{name}.failed.jsonl"
-        trainer = TorchTrainer(
-            _group_loop,
-            train_loop_config={
-                "sweep": sweep.model_dump(mode="json"), "plans": [p.to_dict() for p in group],
-                "sweep_dir": str(sweep_dir.path.resolve()), "use_gpu": cluster.use_gpu,
-                "cpus_per_worker": resources.get("CPU", 1), "checkpoint_every_epochs": cluster.checkpoint_every_epochs,
-                "after_epoch": fault, "driver_alive": alive, "entered_log": str(entered),
-            },
-            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=cluster.use_gpu,
-                                         resources_per_worker=resources),
-            torch_config=TorchConfig(backend=backend_for(cluster)),
-            run_config=RunConfig(name=name, storage_path=storage, callbacks=[FailureRecorder(str(failed))],
-                                 failure_config=FailureConfig(max_failures=cluster.max_failures)),
-        )
-        t0 = time.time()
-        value = getattr(_fit(trainer), "return_value", None) or {}
-        start = GroupStart(num_workers=num_workers, num_runs=len(group),
-                           checkpoint_s=value.get("checkpoint_s", 0.0), num_checkpoints=value.get("num_checkpoints", 0))
-        start.start_s, start.restarts = attempts(read_records(entered, records), read_records(failed, records), t0)
-        report.groups.append(start)
-        if on_group:
-            on_group(start)
+    book = lanes.start_book(plans, cluster.max_failures)
+    multi_node = num_alive_nodes() > 1
+    report, running, errors = LaunchReport(), [], []
+    numbers = itertools.count(1)
+
+    def start(num_workers: int) -> _Lane:
+        index = next(numbers)
+        files = lanes.LaneFiles(records, f"{sweep.name}-w{num_workers}-l{index}-{time.time_ns()}")
+        trainer = lanes.build_trainer(sweep, cluster, sweep_dir, by_workers[num_workers], lane=index,
+                                      num_workers=num_workers, book=book, files=files, resources=resources,
+                                      backend=backend_for(cluster), fault=fault, driver_alive=alive,
+                                      runs_per_lane=runs_per_lane)
+        fit_unix_s = time.time()
+        return _Lane(index, num_workers, files, lanes.FitThread(trainer, name=f"batchscale-lane-{index}"), fit_unix_s)
+
+    while True:
+        for lane in [lane for lane in running if not lane.thread.running]:
+            running.remove(lane)
+            ray.get(book.release.remote(lane.index))  # what it still held goes back (or is given up)
+            group = _ended(lane, records, multi_node)
+            report.groups.append(group)
+            errors += [group.error] if group.error else []
+            if on_group:
+                on_group(group)
+        snapshot = ray.get(book.snapshot.remote())
+        if on_holders:
+            on_holders(snapshot.holders)
+        if not errors:  # after a lane failed for good, the live lanes finish and no new one starts
+            live = Counter(lane.num_workers for lane in running)
+            running += [start(w) for w in lanes_to_start(snapshot, live, max_lanes=limits.max_lanes,
+                                                         worker_slots=limits.worker_slots)]
+        if not running:
+            break
+        time.sleep(POLL_S)
+    if errors:
+        raise LauncherError(errors[0])
+    if snapshot.outstanding:  # cannot happen while the largest group fits (check_resources)
+        raise LauncherError(f"{snapshot.outstanding} runs were left unstarted: no lane could take them")
     return report
+
+
+def _ended(lane: _Lane, records: Path, multi_node: bool) -> GroupStart:
+    """What a lane did, from its fit() result and its records: runs taken, start-up, restarts."""
+    value: dict = {}
+    error = None
+    try:
+        value = getattr(lane.thread.result(), "return_value", None) or {}
+    except LauncherError as err:
+        error = str(err)
+    taken = read_json_records(lane.files.runs, records)
+    group = GroupStart(num_workers=lane.num_workers, num_runs=len({r.get("run_id") for r in taken}),
+                       checkpoint_s=value.get("checkpoint_s", 0.0), num_checkpoints=value.get("num_checkpoints", 0),
+                       lane=lane.index, error=error)
+    group.start_s, group.restarts = attempts(read_records(lane.files.entered, records),
+                                             read_records(lane.files.failed, records), lane.fit_unix_s)
+    if multi_node:
+        group.nodes = sorted({str(r.get("node_id"))[:8] for r in taken if r.get("node_id")})
+    return group
 
 
 def backend_for(cluster: ClusterConfig) -> str:
@@ -319,31 +351,3 @@ def backend_for(cluster: ClusterConfig) -> str:
     if cluster.backend != "auto":
         return cluster.backend
     return "nccl" if cluster.use_gpu else "gloo"
-
-
-def _fit(trainer: Any) -> Any:
-    """``trainer.fit()`` in a helper thread while this (main) thread waits, interruptibly. Ray Train
-    installs its own SIGINT handler (abort, exit 1) when fit() runs in the main thread; Python lets
-    only the main thread install handlers, so from here it cannot, and Ctrl-C / SIGTERM stay with
-    batchscale (one line, exit 130, the run left incomplete). tests/test_launcher.py pins this."""
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as err:  # handed to the main thread below
-            outcome["error"] = err
-
-    thread = threading.Thread(target=target, name="batchscale-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.2)
-    err = outcome.get("error")
-    if err is None:
-        return outcome["result"]
-    name = type(err).__name__
-    if name in ("TrainingFailedError", "WorkerGroupError", "ControllerError", "RayTaskError"):
-        # keep the last line of Ray's wall of text
-        lines = str(err).strip().splitlines()
-        raise LauncherError(f"training failed in the worker group: {lines[-1] if lines else name}") from err
-    raise err

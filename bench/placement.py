@@ -5,6 +5,9 @@ amounts of 0 dropped, ``GPU: 1`` added with ``use_gpu``), and whether ``num_work
 workers can be placed, each worker's bundle on a single node, on a set of nodes; or, where the
 cluster's autoscaler publishes its node types, within the most the cluster can grow to.
 
+It also says how many workers the cluster holds at once (``worker_slots``), which is how many
+worker groups ``max_concurrent_runs: auto`` runs side by side.
+
 Ray itself never says no: a placement group that cannot be satisfied waits forever. The launcher
 asks here twice: before a local Ray starts (on the one node it would have) and after connecting,
 before ``fit()`` (on the live nodes), so that a group that can never start fails in one line that
@@ -41,7 +44,8 @@ def workers(n: int) -> str:
     return f"{n} worker{'s' * (n != 1)}"
 
 
-def _fmt(resources: Mapping[str, float]) -> str:
+def fmt_resources(resources: Mapping[str, float]) -> str:
+    """'{CPU: 8, GPU: 1}'."""
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
 
 
@@ -73,7 +77,7 @@ def placement_problem(need: Mapping[str, float], num_workers: int, nodes: Iterab
     ceiling = " at most" if max_totals else ""
     missing = [name for name in need if totals.get(name, 0.0) <= 0]
     if missing:
-        return (f"each worker needs {_fmt(need)}, but {where} has no {missing[0]!r} resource"
+        return (f"each worker needs {fmt_resources(need)}, but {where} has no {missing[0]!r} resource"
                 f"{' at all' if not max_totals else ', nor can its autoscaler add it'} (it has {_names(totals)})")
     for name, amount in sorted(need.items()):
         wanted = amount * num_workers
@@ -85,9 +89,22 @@ def placement_problem(need: Mapping[str, float], num_workers: int, nodes: Iterab
         if fit < num_workers:
             shapes: dict[str, list[int]] = {}  # node shape (the needed names only) -> [nodes, workers each]
             for node in nodes:
-                entry = shapes.setdefault(_fmt({k: node.get(k, 0.0) for k in need}), [0, workers_per_node(need, node)])
+                entry = shapes.setdefault(fmt_resources({k: node.get(k, 0.0) for k in need}), [0, workers_per_node(need, node)])
                 entry[0] += 1
             held = "; ".join(f"{n} node{'s' * (n > 1)} with {shape}: {each} each" for shape, (n, each) in shapes.items())
-            return (f"each worker needs {_fmt(need)} on one node, and the nodes of {where} hold only {fit} "
+            return (f"each worker needs {fmt_resources(need)} on one node, and the nodes of {where} hold only {fit} "
                     f"such workers ({held})")
     return None
+
+
+def worker_slots(need: Mapping[str, float], nodes: Iterable[Mapping[str, float]], *,
+                 max_totals: Mapping[str, float] | None = None) -> int:
+    """How many workers needing ``need`` each the cluster holds at once: node by node on the live
+    nodes (a worker's bundle sits on one node; Ray Train's default PACK strategy places a group's
+    bundles independently, so groups may span nodes); or, where an autoscaler publishes its
+    ceiling, what that ceiling's totals hold. ``need`` asking for nothing: unbounded."""
+    if not need:
+        return 1 << 30
+    if max_totals:
+        return min(int(float(max_totals.get(name, 0.0)) / amount + EPS) for name, amount in need.items())
+    return sum(workers_per_node(need, node) for node in nodes)

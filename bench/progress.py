@@ -1,8 +1,10 @@
 """Sweep progress on the driver, read from the runs' event logs (not from Ray).
 
 Owns: a background thread that tails each pending run's ``events.jsonl`` and shows
-a bar per sweep and per run (rich, on a terminal) or one plain line per finished
-run (when stderr is not a TTY, e.g. CI logs). A run's bar moves within an epoch too
+a bar per sweep and per running run (rich, on a terminal) or one plain line per finished
+run (when stderr is not a TTY, e.g. CI logs). Runs that go at once show at once; given
+``where`` (run id -> 'lane 2, node 1a2b3c4d', from the driver's run book), each bar and line
+says where its run is, and the plain lines also say when a run starts. A run's bar moves within an epoch too
 (an ImageNet epoch takes minutes): by the LR lines of the first epoch, which name
 every step, and later by the time since epoch_start against the last epoch's length. After a
 worker-group restart, rank 0 cuts a run's log back to its checkpoint (or starts it again) and
@@ -107,14 +109,17 @@ class SweepProgress:
     """Use as a context manager around the launcher; `runs` is [(run_id, events_path, epochs)]."""
 
     def __init__(self, runs: list[tuple[str, Path, int]], *, interval_s: float = 0.5,
-                 print_fn: Callable[[str], None] | None = None, use_rich: bool | None = None) -> None:
+                 print_fn: Callable[[str], None] | None = None, use_rich: bool | None = None,
+                 where: Callable[[str], str | None] | None = None) -> None:
         self.tails = {rid: _Tail(path, epochs) for rid, path, epochs in runs}
+        self.where = where
         self.interval_s = interval_s
         self.print = print_fn or (lambda s: print(s, file=sys.stderr, flush=True))
         self.use_rich = sys.stderr.isatty() if use_rich is None else use_rich
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="batchscale-progress", daemon=True)
         self._done: set[str] = set()
+        self._started: set[str] = set()
         self._rich = None
 
     def __enter__(self) -> "SweepProgress":
@@ -145,20 +150,32 @@ class SweepProgress:
             if rid in self._done:
                 continue
             tail.poll()
+            at = self._at(rid)
+            if tail.started and rid not in self._started:
+                self._started.add(rid)
+                if self._rich is None and self.where is not None:
+                    self.print(f"{rid}: started{at} ({self._running()} running)")
             if self._rich is not None and tail.started:
                 if rid not in self._run_tasks:
                     self._run_tasks[rid] = self._rich.add_task(f"  {rid}", total=tail.total_epochs)
                 acc = f" test acc {tail.last_test_acc:.3f}" if isinstance(tail.last_test_acc, float) else ""
                 self._rich.update(self._run_tasks[rid], completed=tail.progress,
-                                  description=f"  {rid}{acc}")
+                                  description=f"  {rid}{at}{acc}")
             if tail.stopped is not None:
                 self._done.add(rid)
-                self._finished(rid, tail)
+                self._finished(rid, tail, at)
 
-    def _finished(self, rid: str, tail: _Tail) -> None:
+    def _at(self, rid: str) -> str:
+        where = self.where(rid) if self.where is not None else None
+        return f" ({where})" if where else ""
+
+    def _running(self) -> int:
+        return len(self._started - self._done)
+
+    def _finished(self, rid: str, tail: _Tail, at: str) -> None:
         status = tail.stopped.get("status", "?")
         acc = f", test acc {tail.last_test_acc:.4f}" if isinstance(tail.last_test_acc, float) else ""
-        line = f"[{len(self._done)}/{len(self.tails)}] {rid}: {status} after {tail.epochs} epochs{acc}"
+        line = f"[{len(self._done)}/{len(self.tails)}] {rid}: {status} after {tail.epochs} epochs{acc}{at}"
         if self._rich is not None:
             self._rich.update(self._sweep_task, completed=len(self._done))
             if rid in self._run_tasks:

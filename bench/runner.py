@@ -3,7 +3,8 @@
 Owns: the order of things on the driver, cheapest refusal first — plan; check the results folder
 (read-only) and what the cluster can offer without Ray in this process; claim and lock the sweep's
 folder; only then start or join Ray (and check the live cluster); write each pending run's inputs,
-show progress, launch the worker groups, and report what happened. The lock is released on every
+say how many runs go at once, show progress (and where each run is when several go at once or
+the cluster has several nodes), launch the lanes, and report what each did. The lock is released on every
 way out (an error, Ctrl-C / SIGTERM; a SIGKILL releases it with the process). Reaches Ray only
 through bench.launcher.
 """
@@ -34,12 +35,14 @@ class SweepOutcome:
 
 
 def describe_group(index: int, g: launcher.GroupStart) -> str:
-    """One line per worker group: start-up, then restarts apart from it, e.g. 'worker group 1
-    (2 workers, 1 run): start-up 9.1 s; 1 restart after a worker failure (ActorDiedError), 12.3 s
-    to resume; 3 checkpoints written in 41 ms'."""
+    """One line per worker group (lane): start-up, then restarts apart from it, e.g. 'worker
+    group 1 (2 workers, 1 run): start-up 9.1 s; 1 restart after a worker failure (ActorDiedError),
+    12.3 s to resume; 3 checkpoints written in 41 ms'. On more than one node, the nodes its rank 0
+    ran on follow the run count ('1 run, node 1a2b3c4d')."""
     secs = f"{g.start_s:.1f} s" if g.start_s is not None else "unknown"
+    where = f", node{'s' * (len(g.nodes) > 1)} {', '.join(g.nodes)}" if g.nodes else ""
     line = (f"worker group {index} ({g.num_workers} worker{'s' * (g.num_workers != 1)}, "
-            f"{g.num_runs} run{'s' * (g.num_runs != 1)}): start-up {secs}")
+            f"{g.num_runs} run{'s' * (g.num_runs != 1)}{where}): start-up {secs}")
     if g.restarts:
         n = len(g.restarts)
         causes = sorted({r.cause for r in g.restarts if r.cause})
@@ -52,9 +55,18 @@ def describe_group(index: int, g: launcher.GroupStart) -> str:
     return line
 
 
+def holder_text(lane: int, node_id: str | None, multi_node: bool) -> str:
+    """Where a running run is, for the progress display: 'lane 2' (and 'node 1a2b3c4d' on more
+    than one node)."""
+    return f"lane {lane}" + (f", node {node_id[:8]}" if multi_node and node_id else "")
+
+
 def run_sweep(sweep: SweepConfig, cluster: ClusterConfig, results_root: Path, *,
               cluster_file: str | None = None, plans: list[RunPlan] | None = None,
-              say: Callable[[str], None] = print, progress: bool | None = None) -> SweepOutcome:
+              say: Callable[[str], None] = print, progress: bool | None = None,
+              runs_per_lane: int | None = None) -> SweepOutcome:
+    """Run what is missing of ``sweep``; ``runs_per_lane``: see launcher.run_groups (None: a lane
+    runs until no run of its worker count is left)."""
     t0 = time.perf_counter()
     plans = plans if plans is not None else plan_sweep(sweep)
     sweep_dir = SweepDir(Path(results_root) / sweep.name)
@@ -81,13 +93,23 @@ def run_sweep(sweep: SweepConfig, cluster: ClusterConfig, results_root: Path, *,
                 sweep_dir.run(plan.run_id).prepare(config=config, cluster=cluster_dict,
                                                    run_plan=plan.to_dict(), env=env)
             tails = [(p.run_id, sweep_dir.run(p.run_id).events_path, p.epochs) for p in pending]
+            limits = launcher.concurrency(sweep.max_concurrent_runs, cluster, pending)
+            if limits.text:
+                say(limits.text)
+            holders: dict[str, str] = {}
+            multi_node = launcher.num_alive_nodes() > 1
+            show_where = limits.max_lanes > 1 or multi_node
 
             def on_group(g: launcher.GroupStart) -> None:
                 groups.append(g)
-                say(describe_group(len(groups), g))
+                say(describe_group(g.lane, g))
 
-            with SweepProgress(tails, use_rich=progress):
-                launcher.run_groups(sweep, cluster, sweep_dir, pending, on_group=on_group)
+            def on_holders(now: dict[str, tuple[int, str | None]]) -> None:
+                holders.update({rid: holder_text(lane, node, multi_node) for rid, (lane, node) in now.items()})
+
+            with SweepProgress(tails, use_rich=progress, where=holders.get if show_where else None):
+                launcher.run_groups(sweep, cluster, sweep_dir, pending, on_group=on_group,
+                                    on_holders=on_holders, limits=limits, runs_per_lane=runs_per_lane)
         statuses: dict[str, str] = {}
         for plan in plans:
             summary = sweep_dir.run(plan.run_id).read_summary()

@@ -19,6 +19,7 @@ from bench.config import ClusterConfig
 from bench.errors import LauncherError, UserError
 from bench.groupstate import (CheckpointWriter, DriverLock, Restart, attempts, driver_lock,
                               load_checkpoint)
+from bench.lanes import FitThread
 from bench.placement import placement_problem, worker_resources
 from bench.runner import describe_group
 from bench.store import SweepDir
@@ -276,16 +277,16 @@ class FakeTrainer:
 
 def test_fit_runs_where_no_signal_handler_can_be_installed():
     """Ray Train installs its SIGINT handler only from the main thread (checked with the real
-    trainer in tests/test_launcher_ray.py); _fit's thread cannot install one at all."""
+    trainer in tests/test_e2e_ray.py); FitThread's thread cannot install one at all."""
     before = signal.getsignal(signal.SIGINT)
 
     def tries_to_take_sigint():
         signal.signal(signal.SIGINT, lambda *a: None)
 
     with pytest.raises(ValueError, match="main thread"):
-        launcher._fit(FakeTrainer(tries_to_take_sigint))
+        FitThread(FakeTrainer(tries_to_take_sigint)).result()
     assert signal.getsignal(signal.SIGINT) is before
-    assert launcher._fit(FakeTrainer(lambda: "result")) == "result"
+    assert FitThread(FakeTrainer(lambda: "result")).result() == "result"
 
 
 def test_fit_failures_become_one_line():
@@ -296,7 +297,7 @@ def test_fit_failures_become_one_line():
         raise TrainingFailedError("Training failed.\nTraceback ...\nActorDiedError: the worker died")
 
     with pytest.raises(LauncherError, match="^training failed in the worker group: ActorDiedError: the worker died$"):
-        launcher._fit(FakeTrainer(fails))
+        FitThread(FakeTrainer(fails)).result()
 
 
 # --- the progress tail across a rewritten log ----------------------------------------------------

@@ -14,6 +14,7 @@ SCRIPTS = {
     "allreduce": "bench.perf.allreduce",  # all-reduce busbw and latency per message size, nccl-tests style
     "validate-comm": "bench.perf.validate_comm",  # 2-worker step time predicted from 1-worker runs vs measured
     "checkpoint-cost": "bench.perf.checkpoint_cost",  # the same sweep without / with checkpoints, A B B A
+    "concurrency": "bench.perf.concurrency",  # a sweep's wall-clock with 1, N, auto runs at once; --paper: on N GPUs
 }
 
 
