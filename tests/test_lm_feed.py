@@ -105,3 +105,11 @@ def test_feed_refuses_what_cannot_run(markov):
     feed = LMFeed(markov, spec(), 0, 1, CPU)
     with pytest.raises(ValueError, match="steps asked of epoch 1"):
         list(feed.steps(1, feed.steps_per_epoch + 1))
+
+
+def test_validation_can_be_capped_to_a_fixed_subset(markov):
+    feed = LMFeed(markov, spec(), 0, 1, CPU, val_eval_tokens=640)
+    targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in feed.eval_batches("val"))
+    assert targets == 640 == feed.train_eval_samples  # 20 windows of 32; train matches val's size
+    again = LMFeed(markov, spec(), 0, 1, CPU, val_eval_tokens=640)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(feed.eval_batches("val"), again.eval_batches("val")))

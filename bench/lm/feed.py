@@ -8,8 +8,10 @@ Owns: ``LMFeed``, the LM counterpart of ``bench.feed.MemoryFeed`` with the same 
   at padding), and ``num_global`` is the number of targets (loss terms) of the whole global
   batch over all ranks: the step's loss is the sum over targets times num_workers / num_global,
   so the gradient is the mean over every target of the global batch.
-- ``eval_batches(split)`` yields this rank's share of "val" (all of it) or "train" (a fixed,
-  evenly spaced subset about as large as "val", ``train_eval_samples`` targets in all).
+- ``eval_batches(split)`` yields this rank's share of "val" ("test" is the same; all of it, or
+  an evenly spaced subset of about ``val_eval_tokens`` targets) or "train" (a fixed, evenly
+  spaced subset of about ``train_eval_tokens`` targets, by default as many as "val" has;
+  ``train_eval_samples`` says how many).
 - ``input_shape`` = (T,), ``num_classes`` = the vocabulary, ``channels_last`` = False,
   ``steps_per_epoch``, ``close()``.
 
@@ -39,7 +41,8 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 class LMFeed:
     def __init__(self, data: LMData, spec: BatchSpec, rank: int, world_size: int, device: torch.device,
-                 eval_batch_tokens: int | None = None, train_eval_tokens: int | None = None) -> None:
+                 eval_batch_tokens: int | None = None, train_eval_tokens: int | None = None,
+                 val_eval_tokens: int | None = None) -> None:
         if world_size != spec.num_workers or not 0 <= rank < world_size:
             raise ValueError(f"LMFeed: rank {rank} of world {world_size} for a spec of {spec.num_workers} workers")
         self.data, self.spec, self.rank, self.world_size, self.device = data, spec, rank, world_size, device
@@ -54,8 +57,11 @@ class LMFeed:
                              f"not one global batch of {spec.global_batch_tokens} tokens")
         # Evaluation batches as large as a training micro-batch (what fits), unless told otherwise.
         self.eval_batch_tokens = eval_batch_tokens or spec.global_batch_tokens // spec.min_sequences
-        target = train_eval_tokens if train_eval_tokens is not None else self.val_pieces.num_targets
-        self.train_eval_idx = evenly_spaced(self.train_pieces, target)
+        # Fixed, evenly spaced subsets: "val" all of it unless capped, "train" about as large.
+        self.val_eval_idx = (np.arange(len(self.val_pieces)) if val_eval_tokens is None
+                             else evenly_spaced(self.val_pieces, val_eval_tokens))
+        val_targets = int(self.val_pieces.lengths[self.val_eval_idx].sum())
+        self.train_eval_idx = evenly_spaced(self.train_pieces, train_eval_tokens or val_targets)
         self.input_shape = (spec.context_length,)
         self.num_classes = data.vocab_size
         self.channels_last = False
@@ -88,11 +94,11 @@ class LMFeed:
             yield self._batch(self.data.train, self.train_pieces, part, length)
 
     def eval_batches(self, split: str) -> Iterator[Batch]:
-        """This rank's share of a split: "val" whole, "train" the fixed subset."""
+        """This rank's share of a split: "val" (or "test") and "train", each its fixed subset."""
         if split == "train":
             stream, pieces, idx = self.data.train, self.train_pieces, self.train_eval_idx
         elif split in ("val", "test"):
-            stream, pieces, idx = self.data.val, self.val_pieces, np.arange(len(self.val_pieces))
+            stream, pieces, idx = self.data.val, self.val_pieces, self.val_eval_idx
         else:
             raise ValueError(f"LMFeed: unknown split {split!r} (train, val)")
         for length, part in eval_plan(pieces, idx, self.spec, self.rank, self.world_size, self.eval_batch_tokens):
