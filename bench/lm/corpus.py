@@ -7,7 +7,7 @@ returns), the deterministic document-level train/validation split, and the two r
 
 - ``python-docs``: the Python Language Reference and library topics that every CPython ships as
   ``pydoc_data.topics`` (what ``help("if")`` prints): 79 documents of English technical prose
-  with code examples, 466,273 bytes in CPython 3.11.7. Licence: the PSF License Agreement
+  with code examples, 466,117 bytes in CPython 3.11.7. Licence: the PSF License Agreement
   (Python's documentation), examples under the Zero-Clause BSD licence.
 - ``python-stdlib``: the standard library's own ``.py`` sources (test suites and
   site-packages excluded), one document per file in path order: 734 files, 12.1 MB in CPython
@@ -26,13 +26,14 @@ Must not import: torch, ray, pandas.
 from __future__ import annotations
 
 import hashlib
-import pydoc_data.topics
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from bench.errors import UserError
 
 EOT = 256          # end-of-text: closes every document of a byte-level corpus
 BYTE_VOCAB = 257   # 256 byte values + EOT
@@ -156,6 +157,11 @@ PYTHON_LICENCE = "PSF License Agreement (Python documentation and sources); doc 
 
 def python_docs_documents() -> list[tuple[str, bytes]]:
     """(topic, text) of every topic of ``pydoc_data.topics``, sorted by topic name."""
+    try:
+        import pydoc_data.topics
+    except ImportError:  # a "minimal" Python package without the full standard library
+        raise UserError("corpus python-docs: this Python has no pydoc_data module (install its full "
+                        "standard library, or use another corpus)") from None
     topics = pydoc_data.topics.topics
     return [(key, topics[key].encode("utf-8")) for key in sorted(topics)]
 

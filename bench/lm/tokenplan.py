@@ -102,8 +102,9 @@ BUCKET_MULTIPLE = 8  # bucket lengths are rounded up to a multiple of this (tens
 
 def geometric_bucket_lengths(context_length: int, min_length: int = 16, per_doubling: int = 2) -> tuple[int, ...]:
     """Padded lengths of the buckets, ascending, the largest = ``context_length``: T * 2^(-k /
-    per_doubling) rounded up to a multiple of 8, down to ``min_length``. With 2 per doubling a
-    sequence is padded by less than sqrt(2) - 1 = 41 % of its length (once above min_length)."""
+    per_doubling) rounded up to a multiple of 8, down to ``min_length``. With 2 per doubling
+    neighbours differ by a factor of about sqrt(2) (rounding stretches it for the short ones:
+    T = 128 gives 16, 24, 32, 48, 64, 96, 128), so padding stays a fraction of a piece's length."""
     if context_length < 1 or min_length < 1 or per_doubling < 1:
         raise PlanError(f"bucket lengths: context_length {context_length}, min_length {min_length} and "
                         f"per_doubling {per_doubling} must be >= 1")
