@@ -55,3 +55,17 @@ def test_batch_spec_of_a_run():
     spec = batch_spec(opts, global_batch_tokens=1024, num_workers=2, grad_accum_steps=2, seed=3)
     assert (spec.packing, spec.lengths, spec.capacities, spec.min_sequences) == (False, (16, 32, 64), (64, 32, 16), 4)
     assert batch_spec(LMOptions(), 4096, 1, 1, 0).lengths == (128,)
+
+
+@pytest.mark.parametrize("batching", ["pack", "bucket"])
+def test_plan_steps_per_epoch_match_the_feed(batching):
+    import torch
+
+    from bench.lm.feed import LMFeed
+    from bench.lm.workload import lm_steps_per_epoch
+
+    opts = LMOptions(corpus="markov", context_length=32, batching=batching,
+                     markov={"num_states": 8, "mean_doc_tokens": 20, "num_train_tokens": 20_000, "num_val_tokens": 500})
+    spec = batch_spec(opts, global_batch_tokens=32 * 24, num_workers=2, grad_accum_steps=3, seed=9)
+    feed = LMFeed(load_lm(opts), spec, 0, 2, torch.device("cpu"))
+    assert lm_steps_per_epoch(opts, spec) == feed.steps_per_epoch == len(list(feed.steps(1, feed.steps_per_epoch)))

@@ -2,8 +2,9 @@
 
 Owns: ``LMOptions`` (the ``workload_options`` of a ``workload: lm`` sweep, validated with the
 sweep file: a token folder that does not exist or has a bad meta.json is refused there), the
-loader ``load_lm(options, seed)``, the split sizes in tokens (``lm_sizes``) and the
-``BatchSpec`` of one run (``batch_spec``).
+loader ``load_lm(options, seed)``, the split sizes in tokens (``lm_sizes``), the
+``BatchSpec`` of one run (``batch_spec``) and its steps per epoch (``lm_steps_per_epoch``, what
+the plan needs before any worker starts).
 
 Must not import: torch, ray, pandas (config validation runs without them).
 
@@ -20,7 +21,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bench.errors import PlanError, UserError
-from bench.lm.batching import BatchSpec
+from bench.lm.batching import BatchSpec, Pieces, packed_pieces, steps_in_epoch, stream_pieces
 from bench.lm.corpus import LMData, load_python_docs, load_python_stdlib
 from bench.lm.markov import load_markov
 from bench.lm.tokenplan import check_bucket_lengths
@@ -114,3 +115,20 @@ def batch_spec(options: LMOptions, global_batch_tokens: int, num_workers: int, g
     return BatchSpec(context_length=options.context_length, global_batch_tokens=global_batch_tokens,
                      num_workers=num_workers, grad_accum_steps=grad_accum_steps, seed=seed,
                      packing=options.batching == "pack", bucket_lengths=tuple(options.bucket_lengths or ()))
+
+
+@lru_cache(maxsize=4)
+def _train_pieces(options: LMOptions) -> Pieces:
+    data = load_lm(options)
+    spec = batch_spec(options, options.context_length, 1, 1, 0)  # the pieces depend on T and mode only
+    return stream_pieces(data.train.num_tokens, data.train.doc_starts, spec)
+
+
+def lm_steps_per_epoch(options: LMOptions, spec: BatchSpec) -> int:
+    """Optimizer steps in one epoch of a run, as ``LMFeed.steps_per_epoch`` will count them:
+    from the token count alone when packing, from the corpus's document lengths with buckets
+    (the corpus is read once per options in this process)."""
+    if spec.packing:
+        num_train, _ = lm_sizes(options)
+        return steps_in_epoch(packed_pieces(num_train, spec.context_length), spec)
+    return steps_in_epoch(_train_pieces(options), spec)
