@@ -9,7 +9,11 @@ Owns nothing itself; the parts are
 - ``bench.lm.tokenfile``: the on-disk token format for a user's own corpus (read streamed);
 - ``bench.lm.tokenplan``: pure token arithmetic (batch split, windows, buckets, Kaplan's B_crit);
 - ``bench.lm.batching``: packing, length buckets, per-epoch global batches, rank shares;
-- ``bench.lm.feed``: ``LMFeed``, which the worker drives like ``bench.feed.MemoryFeed``.
+- ``bench.lm.feed``: ``LMFeed``, which the worker drives like ``bench.feed.MemoryFeed``;
+- ``bench.lm.workload``: ``LMOptions`` (the sweep's ``workload_options``), the loader, sizes in
+  tokens and the plan's steps per epoch.
+
+docs/language-models.md describes the workload for users.
 
 Must not import (anywhere in the package): ray, pandas.
 """
