@@ -52,7 +52,6 @@ class LMOptions(BaseModel):
     bucket_lengths: Optional[tuple[int, ...]] = Field(None, description="bucket: padded lengths, ending at T")
     val_eval_tokens: Optional[int] = Field(None, ge=1, description="validation targets evaluated (None: all)")
     train_eval_tokens: Optional[int] = Field(None, ge=1, description="train-metric targets (None: as many as val)")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _consistent(self) -> "LMOptions":
