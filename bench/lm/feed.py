@@ -20,7 +20,8 @@ count targets, so the worker's samples_count is tokens seen.
 
 Tokens stay where the corpus keeps them (in memory, or memory-mapped from a token file) and
 each micro-batch is gathered on the host just before it is needed, then copied to the device
-(pinned, asynchronous, on CUDA): a step moves 8 bytes per token, a few MB at 2^20 tokens.
+(pinned, asynchronous, on CUDA): a step moves 16 bytes per token (x and y as int64), 16 MiB
+at 2^20 tokens.
 
 Must not import: ray, pandas.
 """
