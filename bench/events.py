@@ -36,8 +36,10 @@ INTERVAL_START = "INTERVAL_START"
 INTERVAL_END = "INTERVAL_END"
 
 # --- run boundaries (MLPerf) ---
+INIT_START = "init_start"  # INTERVAL_START: set-up (data, model, optimizer) begins; before run_start
+INIT_STOP = "init_stop"  # INTERVAL_END: set-up done
 RUN_START = "run_start"  # INTERVAL_START
-RUN_STOP = "run_stop"  # INTERVAL_END; metadata.status: success | aborted | diverged | oom
+RUN_STOP = "run_stop"  # INTERVAL_END; metadata.status: success | diverged | oom
 EPOCH_START = "epoch_start"
 EPOCH_STOP = "epoch_stop"  # metadata also: epoch_train_time_s, epoch_samples
 EVAL_START = "eval_start"
@@ -68,16 +70,14 @@ TRAIN_EVAL_SAMPLES = "train_eval_samples"  # training samples the train_* metric
 # --- per-epoch metrics ---
 EVAL_ACCURACY = "eval_accuracy"  # test-set accuracy (MLPerf name)
 EVAL_LOSS = "eval_loss"  # ours
-TRAIN_ACCURACY = "train_accuracy"  # ours: eval-mode accuracy on the training set (all of it, or
-#   for streamed ImageNet a fixed evenly spaced subset of train_eval_samples images, val transform)
+TRAIN_ACCURACY = "train_accuracy"  # ours: eval-mode accuracy on the training set: all of it, or a fixed
+#   evenly spaced subset of train_eval_samples (sweep key train_eval_samples; streamed ImageNet's own option)
 TRAIN_LOSS = "train_loss"  # ours: eval-mode loss on the same training samples
 OPT_LEARNING_RATE = "opt_learning_rate"  # ours: LR applied; metadata.step = the step it applied to
 GRADIENT_NOISE_SCALE = "gradient_noise_scale"  # ours: B_simple; metadata: grad_sq_small, grad_sq_big, trace_sigma
-TORCH_MEMORY = "torch_memory"  # ours: metadata max_allocated_gib, max_reserved_gib (per epoch, rank 0)
+TORCH_MEMORY = "torch_memory"  # ours: metadata epoch_num, max_allocated_gib, max_reserved_gib: the peak of
+#   that epoch's training (evaluation excluded), rank 0, CUDA only (bench.memory)
 
-RUN_STATUSES = ("success", "aborted", "diverged", "oom")
-
-EPOCH_METRIC_KEYS = (EVAL_ACCURACY, EVAL_LOSS, TRAIN_ACCURACY, TRAIN_LOSS)
 
 
 def make_event(key: str, value: Any = None, *, event_type: str = POINT_IN_TIME,

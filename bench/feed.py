@@ -50,7 +50,7 @@ class MemoryFeed:
     """Both splits resident on the device; a step is an index gather (+ crop/flip there)."""
 
     def __init__(self, data: Data, plan: RunPlan, rank: int, world_size: int, device: torch.device,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, train_eval_samples: int | None = None) -> None:
         self.plan, self.rank, self.world_size, self.device = plan, rank, world_size, device
         self.data = data.to(device)
         self.channels_last = channels_last and self.data.x_train.dim() == 4
@@ -59,7 +59,12 @@ class MemoryFeed:
             self.data.x_test = self.data.x_test.contiguous(memory_format=torch.channels_last)
         self.input_shape = tuple(self.data.x_train.shape[1:])
         self.num_classes = self.data.num_classes
-        self.train_eval_samples = self.data.num_train  # train metrics cover the whole set
+        # The train metrics' samples: the whole set, or a fixed evenly spaced subset (bounds what
+        # frequent evaluation costs; the count is logged as train_eval_samples).
+        num = self.data.num_train if train_eval_samples is None else min(train_eval_samples, self.data.num_train)
+        self._train_eval_index = None if num == self.data.num_train else torch.linspace(
+            0, self.data.num_train - 1, num, device=self.data.y_train.device).round().long()
+        self.train_eval_samples = num
 
     def steps(self, epoch: int, count: int) -> Iterator[tuple[Iterator[Batch], int]]:
         """The first ``count`` steps of ``epoch``: (this rank's micro-batches, global sample count)."""
@@ -77,9 +82,11 @@ class MemoryFeed:
             yield x, self.data.y_train[idx]
 
     def eval_batches(self, split: str) -> Iterator[Batch]:
-        """This rank's strided share of the whole split, in chunks."""
+        """This rank's strided share of the split (the training subset, if one is set), in chunks."""
         x, y = (self.data.x_train, self.data.y_train) if split == "train" else (self.data.x_test, self.data.y_test)
         idx = torch.arange(self.rank, y.shape[0], self.world_size, device=y.device)
+        if split == "train" and self._train_eval_index is not None:
+            idx = self._train_eval_index[self.rank::self.world_size]
         for chunk in idx.split(EVAL_CHUNK):
             yield x[chunk], y[chunk]
 
@@ -132,6 +139,9 @@ Feed = Union[MemoryFeed, StreamFeed]
 
 
 def make_feed(data, plan: RunPlan, rank: int, world_size: int, device: torch.device,
-              channels_last: bool = False) -> Feed:
-    kind = MemoryFeed if isinstance(data, Data) else StreamFeed
-    return kind(data, plan, rank, world_size, device, channels_last)
+              channels_last: bool = False, *, train_eval_samples: int | None = None) -> Feed:
+    """The feed for a workload's data. ``train_eval_samples`` applies to resident data
+    (streamed ImageNet has its own workload option for it)."""
+    if isinstance(data, Data):
+        return MemoryFeed(data, plan, rank, world_size, device, channels_last, train_eval_samples)
+    return StreamFeed(data, plan, rank, world_size, device, channels_last)

@@ -150,7 +150,7 @@ def _group_loop(config: dict) -> dict:
         if plan.run_id in todo:
             resume = restored if restored and restored["run_id"] == plan.run_id else None
             statuses[plan.run_id] = execute_run(plan, sweep, sweep_dir.run(plan.run_id), ctx,
-                                                restored=resume)["status"]
+                                                restored=resume).status
     return {"loop_entered_unix_s": entered, "statuses": statuses}
 
 

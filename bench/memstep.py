@@ -290,26 +290,19 @@ class _Training:
         return x
 
     def step(self, micro_batch: int) -> None:
-        probe = None
-        if self.sweep.noise_scale_every_steps:
-            from bench.noise import GradNoiseProbe
+        """The worker's own training step (bench.step.TrainStep) over ACCUM_MICRO_BATCHES
+        micro-batches made one at a time, with the noise probe when the sweep measures it."""
+        from bench.noise import MicroBatchProbe
+        from bench.step import TrainStep
 
-            probe = GradNoiseProbe(self.model.parameters(), micro_batch, ACCUM_MICRO_BATCHES, 1)
-        scale = 1.0 / (micro_batch * ACCUM_MICRO_BATCHES)
-        for _ in range(ACCUM_MICRO_BATCHES):
-            x = self.batch(micro_batch)
-            y = torch.randint(0, self.spec.num_classes, (micro_batch,), device=self.device)
-            with self.autocast():
-                logits = self.model(x)
-            loss = F.cross_entropy(logits.float(), y, reduction="sum", label_smoothing=self.sweep.label_smoothing)
-            (loss * scale).backward()
-            del x, y, logits, loss
-            if probe is not None:
-                probe.after_micro_backward()
-        if probe is not None:
-            probe.finish()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        probe = (MicroBatchProbe(self.model.parameters(), micro_batch, ACCUM_MICRO_BATCHES)
+                 if self.sweep.noise_scale_every_steps else None)
+        micro_batches = ((self.batch(micro_batch),
+                          torch.randint(0, self.spec.num_classes, (micro_batch,), device=self.device))
+                         for _ in range(ACCUM_MICRO_BATCHES))
+        step = TrainStep(self.model, self.optimizer, grad_accum_steps=ACCUM_MICRO_BATCHES,
+                         label_smoothing=self.sweep.label_smoothing, autocast=self.autocast)
+        step(micro_batches, micro_batch * ACCUM_MICRO_BATCHES, self.sweep.lr.reference_lr, observer=probe)
 
     @torch.no_grad()
     def eval_chunk(self, n: int) -> None:

@@ -37,8 +37,8 @@ COLUMNS = (
     "mem_total_gib", "gpu_util_pct", "mem_util_pct", "power_w", "power_limit_w",
     "temperature_c", "sm_clock_mhz", "rss_gib", "cpu_pct",
 )
-SUMMARY_KEYS = ("kind", "num_samples", "peak_memory_gib", "mean_util_pct", "p95_util_pct",
-                "mean_power_w", "energy_j", "error")
+SUMMARY_KEYS = ("kind", "num_samples", "peak_memory_gib", "baseline_memory_gib", "peak_memory_above_baseline_gib",
+                "mean_util_pct", "p95_util_pct", "mean_power_w", "energy_j", "error")
 GIB = 1024 ** 3
 
 
@@ -204,9 +204,12 @@ class _Stats:
         return None if not parts or None in parts else sum(parts)
 
     def summary(self, kind: str, error: str | None) -> dict[str, Any]:
+        peak = max(self.memory_gib, default=None)
+        baseline = self.memory_gib[0] if self.memory_gib else None  # the run's first sample
         return {
             "kind": kind, "num_samples": self.num_samples,
-            "peak_memory_gib": max(self.memory_gib, default=None),
+            "peak_memory_gib": peak, "baseline_memory_gib": baseline,
+            "peak_memory_above_baseline_gib": None if peak is None else round(peak - baseline, 4),
             "mean_util_pct": _mean(self.util_pct), "p95_util_pct": _p95(self.util_pct),
             "mean_power_w": _mean([w for power in self.power for _, w in power]),  # per GPU
             "energy_j": self.energy_j(),  # all GPUs of this worker
@@ -231,6 +234,8 @@ def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "kind": kind, "num_samples": sum(known["num_samples"]),
         "peak_memory_gib": max(known["peak_memory_gib"], default=None),
+        "baseline_memory_gib": max(known["baseline_memory_gib"], default=None),
+        "peak_memory_above_baseline_gib": max(known["peak_memory_above_baseline_gib"], default=None),
         "mean_util_pct": _mean(known["mean_util_pct"]),
         "p95_util_pct": _mean(known["p95_util_pct"]),  # mean of per-rank p95s
         "mean_power_w": _mean(known["mean_power_w"]),

@@ -62,7 +62,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_session, tmp_path: Pa
 
     import json
     hit = json.loads((tmp_path / "hit" / run / "summary.json").read_text())
-    assert hit["status"] == "success" and hit["steps_completed"] == ref["steps_completed"] == 60
+    assert hit["status"] == "success" and hit["steps_completed"] == ref.steps_completed == 60
     # Same seed, same data order, same LR schedule: the same model up to reduction-order noise.
-    assert hit["final_train_loss"] == pytest.approx(ref["final_train_loss"], rel=1e-3)
-    assert hit["final_test_acc"] == pytest.approx(ref["final_test_acc"], abs=0.01)
+    assert hit["final_train_loss"] == pytest.approx(ref.final_train_loss, rel=1e-3)
+    assert hit["final_test_acc"] == pytest.approx(ref.final_test_acc, abs=0.01)

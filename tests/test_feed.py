@@ -70,11 +70,11 @@ def test_streamed_and_resident_data_train_identically(tmp_path: Path, loader_pro
         finally:
             trainer.close()
     (a, wa), (b, wb) = finals
-    assert a["status"] == b["status"] == "success" and a["steps_completed"] == b["steps_completed"] == 9
+    assert a.status == b.status == "success" and a.steps_completed == b.steps_completed == 9
     for key in wa:  # same samples, same order, same micro-batches: the same weights, bit for bit
         assert torch.equal(wa[key], wb[key]), key
     for key in ("final_train_loss", "final_test_loss", "final_train_acc", "final_test_acc", "samples_seen"):
-        assert a[key] == b[key], key
+        assert getattr(a, key) == getattr(b, key), key
 
 
 def test_stream_sampler_shards_exactly_as_resident_steps():
@@ -117,8 +117,8 @@ def test_imagenet_folder_trains_in_process_and_leaves_no_loader_processes(tmp_pa
     run_dir.path.mkdir(parents=True)
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     summary = execute_run(plan, sweep, run_dir, WorkerContext())
-    assert summary["status"] == "success" and summary["steps_completed"] == 4 and summary["samples_seen"] == 16
-    assert 0.0 <= summary["final_train_acc"] <= 1.0 and 0.0 <= summary["final_test_acc"] <= 1.0
+    assert summary.status == "success" and summary.steps_completed == 4 and summary.samples_seen == 16
+    assert 0.0 <= summary.final_train_acc <= 1.0 and 0.0 <= summary.final_test_acc <= 1.0
     events = ev.read_events(run_dir.events_path)
     hyper = {e["key"]: e["value"] for e in events if e["event_type"] == ev.POINT_IN_TIME}
     assert hyper[ev.TRAIN_EVAL_SAMPLES] == 5 and hyper[ev.TRAIN_SAMPLES] == 8
@@ -190,7 +190,7 @@ def test_a_process_loads_a_workload_once_and_no_run_changes_it(tmp_path: Path):
     for plan in plan_sweep(opts):  # two runs through the worker, each taking the shared copy
         run_dir = SweepDir(tmp_path / "d").run(plan.run_id)
         run_dir.path.mkdir(parents=True)
-        assert execute_run(plan, opts, run_dir, WorkerContext())["status"] == "success"
+        assert execute_run(plan, opts, run_dir, WorkerContext()).status == "success"
     fresh = load_digits(opts.options)
     assert workloads.load("digits", opts.options, 0) is first
     assert torch.equal(first.x_train, fresh.x_train) and torch.equal(first.y_test, fresh.y_test)

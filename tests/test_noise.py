@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from bench.noise import (GradNoiseProbe, NoiseScaleEMA, allreduce_grads_mean, allreduce_mean_,
-                         gns_estimates, grad_sq_norm, overhead_fraction, probe_batch_sizes, time_probe_s)
+from bench.noise import (DDPNoiseHook, MicroBatchProbe, ddp_noise_hook, NoiseScaleEMA, gns_estimates, grad_sq_norm,
+                         probe_batch_sizes, read_samples)
 
 
 # --- formulas on numbers -------------------------------------------------------------------
@@ -58,11 +58,11 @@ def test_ema_is_none_until_positive_and_skips_non_finite() -> None:
         NoiseScaleEMA(beta=1.0)
 
 
-def test_batch_sizes_and_overhead() -> None:
+def test_batch_sizes() -> None:
     assert probe_batch_sizes(32, 1, 1) is None
-    assert probe_batch_sizes(32, 4, 1) == (32, 128)
-    assert probe_batch_sizes(32, 2, 8) == (32, 512)
-    assert overhead_fraction(0.001, 0.01, 10) == pytest.approx(0.001 / 0.101)
+    assert probe_batch_sizes(32, 4, 1) == (32, 128)  # one worker: micro-batch vs accumulated
+    assert probe_batch_sizes(32, 2, 8) == (64, 512)  # several: per-worker vs global (DDP's hook)
+    assert probe_batch_sizes(32, 1, 8) == (32, 256)
 
 
 # --- closed form: linear regression ---------------------------------------------------------
@@ -100,7 +100,7 @@ def test_closed_form_noise_scale_recovered_from_simulated_norms() -> None:
 
 
 def accumulated_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, accum: int,
-                     probe: GradNoiseProbe | None,
+                     probe: MicroBatchProbe | None,
                      sync: Callable[[], ContextManager] = contextlib.nullcontext) -> None:
     """The worker's micro-batch loop: mean loss per micro-batch, divided by accum."""
     for xm, ym in zip(x.chunk(accum), y.chunk(accum)):
@@ -120,9 +120,9 @@ def test_closed_form_noise_scale_recovered_through_the_torch_probe() -> None:
     for _ in range(200):
         x, y = (torch.from_numpy(v) for v in regression_batch(rng, MICRO * ACCUM))
         model.zero_grad(set_to_none=True)
-        probe = GradNoiseProbe(model.parameters(), MICRO, ACCUM, world_size=1)
+        probe = MicroBatchProbe(model.parameters(), MICRO, ACCUM)
         accumulated_step(model, x, y, ACCUM, probe)
-        small, big = probe.finish().read()
+        small, big = read_samples([probe.finish()])[0]
         smalls.append(small), bigs.append(big)
         ema.update(small, big, MICRO, MICRO * ACCUM)
     g_sq, trace = gns_estimates(np.mean(smalls), np.mean(bigs), MICRO, MICRO * ACCUM)
@@ -158,9 +158,9 @@ def test_probe_matches_per_micro_batch_norms_and_leaves_the_accumulated_gradient
     accumulated_step(model, x, y, accum, probe=None)                  # ordinary accumulation
     want = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    probe = GradNoiseProbe(model.parameters(), 4, accum, world_size=1)
+    probe = MicroBatchProbe(model.parameters(), 4, accum)
     accumulated_step(model, x, y, accum, probe)
-    small, big = probe.finish().read()
+    small, big = read_samples([probe.finish()])[0]
     for p, w in zip(model.parameters(), want):
         assert torch.allclose(p.grad, w)
     assert small == pytest.approx(np.mean(manual_small), rel=1e-5)
@@ -170,23 +170,23 @@ def test_probe_matches_per_micro_batch_norms_and_leaves_the_accumulated_gradient
 def test_probe_misuse_raises() -> None:
     model = nn.Linear(2, 1)
     with pytest.raises(ValueError, match="two batch sizes"):
-        GradNoiseProbe(model.parameters(), 8, 1, 1)
-    probe = GradNoiseProbe(model.parameters(), 8, 2, 1)
+        MicroBatchProbe(model.parameters(), 8, 1)
+    probe = MicroBatchProbe(model.parameters(), 8, 2)
     model(torch.randn(8, 2)).sum().backward()
     probe.after_micro_backward()
     with pytest.raises(RuntimeError, match="1 of 2"):
         probe.finish()
-    with pytest.raises(RuntimeError, match="not initialised"):
-        allreduce_grads_mean(model.parameters(), world_size=2)
+    with pytest.raises(RuntimeError, match="armed"):
+        DDPNoiseHook(world_size=2).take()
 
 
-def test_time_probe_leaves_gradients_alone() -> None:
-    model = nn.Linear(16, 4)
-    model(torch.randn(8, 16)).sum().backward()
-    before = [p.grad.clone() for p in model.parameters()]
-    assert 0.0 < time_probe_s(model.parameters(), world_size=1, grad_accum_steps=2, repeats=3) < 1.0
-    for p, b in zip(model.parameters(), before):
-        assert torch.equal(p.grad, b)
+def test_read_samples_reads_many_in_one_go_as_each_would_alone() -> None:
+    from bench import noise
+
+    samples = [noise.NoiseSample(torch.tensor(float(i)), torch.tensor(i / 2.0, dtype=torch.float64), 4, 8)
+               for i in range(5)]
+    assert read_samples(samples) == [(float(i), i / 2.0) for i in range(5)]
+    assert read_samples([]) == []
 
 
 # --- two gloo ranks: the full DDP protocol --------------------------------------------------
@@ -207,30 +207,28 @@ def _ddp_rank(rank: int, world: int, store_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
     torch.manual_seed(0)                                             # same initial weights
     net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1)).double()
-    ddp = nn.parallel.DistributedDataParallel(net)
+    plain = nn.parallel.DistributedDataParallel(net)
+    hooked_net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    hooked_net.load_state_dict(net.state_dict())
+    hooked = nn.parallel.DistributedDataParallel(hooked_net)
+    hook = DDPNoiseHook(world)
+    hooked.register_comm_hook(hook, ddp_noise_hook)
     gen = torch.Generator().manual_seed(100 + rank)                  # different data per rank
     x = torch.randn(8, 6, generator=gen, dtype=torch.float64)
     y = torch.randn(8, generator=gen, dtype=torch.float64)
     out = {}
-    for accum in (1, 2):                                             # per-worker vs global; micro vs global
-        want = _plain_ddp_step(ddp, x, y, accum)
-        local_sq = []
-        for xm, ym in zip(x.chunk(accum), y.chunk(accum)):           # local micro-batch norms, by hand
-            net.zero_grad(set_to_none=True)
-            (0.5 * ((net(xm).squeeze(-1) - ym) ** 2).mean()).backward()
-            local_sq.append(float(grad_sq_norm(net.parameters())))
-        ddp.zero_grad(set_to_none=True)
-        probe = GradNoiseProbe(ddp.parameters(), 8 // accum, accum, world)
-        accumulated_step(ddp, x, y, accum, probe, sync=ddp.no_sync)
-        small, big = probe.finish().read()
-        got = [p.grad.clone() for p in net.parameters()]
-        after = _plain_ddp_step(ddp, x, y, accum)                   # DDP still right afterwards
+    for accum in (1, 2):
+        want = _plain_ddp_step(plain, x, y, accum)
+        net.zero_grad(set_to_none=True)                              # this rank's gradient, by hand
+        accumulated_step(net, x, y, accum, probe=None)
+        local_sq = float(grad_sq_norm(net.parameters()))
+        hook.arm(8, 8 * world)
+        got = _plain_ddp_step(hooked, x, y, accum)                   # the same step, measured
+        sample = hook.take()
+        small, big = read_samples([sample], world)[0]
+        after = _plain_ddp_step(hooked, x, y, accum)                 # unarmed: an ordinary DDP step
         out[accum] = {"want": want, "got": got, "after": after, "small": small, "big": big,
-                      "local_sq": local_sq, "b": (probe.b_small, probe.b_big)}
-    mixed = [torch.full((3,), float(rank)), torch.full((2,), float(rank), dtype=torch.float64),
-             torch.tensor(2.0 * rank)]
-    allreduce_mean_(mixed, world, bucket_cap_mb=1e-5)                # tiny cap: one bucket each
-    out["mixed"] = mixed
+                      "local_sq": local_sq, "b": (sample.b_small, sample.b_big)}
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()
     # Leave without destructors: freeing the DDP reducer after the group is gone once hung in
@@ -238,7 +236,8 @@ def _ddp_rank(rank: int, world: int, store_file: str, out_dir: str) -> None:
     os._exit(0)
 
 
-def test_probe_under_ddp_with_two_gloo_ranks(tmp_path: Path) -> None:
+def test_ddp_hook_with_two_gloo_ranks(tmp_path: Path) -> None:
+    """The hook averages exactly as DDP does, and measures per-worker vs global gradient norms."""
     world = 2
     # fork: the children inherit the imported torch (spawn would re-import it: seconds on 2 cores);
     # DDP's constructor imports torch._dynamo (~3 s), so import it once here, before forking.
@@ -246,27 +245,16 @@ def test_probe_under_ddp_with_two_gloo_ranks(tmp_path: Path) -> None:
     mp.start_processes(_ddp_rank, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world,
                        join=True, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-    for accum, b_sizes in [(1, (8, 16)), (2, (4, 16))]:
+    for accum in (1, 2):
         res = [r[accum] for r in ranks]
         for r in res:                                                # .grad as after a DDP step
-            assert r["b"] == b_sizes
+            assert r["b"] == (8, 16)
             for got, want, after in zip(r["got"], r["want"], r["after"]):
                 assert torch.allclose(got, want)
                 assert torch.allclose(after, want)
-        all_local = [s for r in res for s in r["local_sq"]]          # mean over micro-batches and ranks
         global_sq = sum(float((w ** 2).sum()) for w in res[0]["want"])
+        mean_local = np.mean([r["local_sq"] for r in res])           # |G_b|^2 averaged over the ranks
         for r in res:
-            assert r["small"] == pytest.approx(np.mean(all_local), rel=1e-6)
+            assert r["small"] == pytest.approx(mean_local, rel=1e-6)
             assert r["big"] == pytest.approx(global_sq, rel=1e-6)
         assert res[0]["small"] > res[0]["big"] > 0
-    for r in ranks:                                                  # means of 0, 1 and of 0, 2
-        assert [t.tolist() for t in r["mixed"]] == [[0.5] * 3, [0.5] * 2, 1.0]
-
-
-def test_read_samples_reads_many_in_one_go_as_each_would_alone() -> None:
-    from bench import noise
-
-    samples = [noise.NoiseSample(torch.tensor(float(i)), torch.tensor(i / 2.0, dtype=torch.float64), 4, 8)
-               for i in range(5)]
-    assert noise.read_samples(samples) == [s.read() for s in samples]
-    assert noise.read_samples([]) == []

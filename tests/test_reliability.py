@@ -223,7 +223,7 @@ def results_folder(tmp_path_factory) -> Path:
         run = sweep_dir.run(plan.run_id)
         run.prepare(config=sweep.model_dump(mode="json"), cluster=cluster.model_dump(mode="json"),
                     run_plan=plan.to_dict(), env=env)
-        assert execute_run(plan, sweep, run, WorkerContext())["status"] == "success"
+        assert execute_run(plan, sweep, run, WorkerContext()).status == "success"
     return sweep_dir.path
 
 

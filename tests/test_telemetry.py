@@ -228,6 +228,7 @@ def test_unsupported_fields_are_empty_not_zero(tmp_path):
                     "temperature_c", "sm_clock_mhz"):
             assert row[col] == "", col
     assert summary == {"kind": "gpu", "num_samples": 2, "peak_memory_gib": 1.0,
+                       "baseline_memory_gib": 1.0, "peak_memory_above_baseline_gib": 0.0,
                        "mean_util_pct": None, "p95_util_pct": None, "mean_power_w": None,
                        "energy_j": None, "error": None}
 
@@ -280,6 +281,7 @@ def test_merge_summaries():
          "mean_power_w": None, "energy_j": 3000.0}
     merged = merge_summaries([a, b])
     assert merged == {"kind": "gpu", "num_samples": 20, "peak_memory_gib": 40.0,
+                      "baseline_memory_gib": None, "peak_memory_above_baseline_gib": None,  # v1 ranks: unknown
                       "mean_util_pct": 70.0, "p95_util_pct": 98.0, "mean_power_w": 500.0,
                       "energy_j": 4000.0, "error": None}
     assert merge_summaries([a, {**b, "energy_j": None}])["energy_j"] is None  # unknown stays so
@@ -408,3 +410,19 @@ def test_telemetry_overhead_runs_on_cpu(tmp_path, capsys):
     assert len(result["step_ms"]["off"]) == 2 and result["telemetry_kind"] == ["cpu"]
     assert result["telemetry_num_samples"]["10Hz"] >= 4  # first and last sample per block
     assert build_model("convnet", 2, 8)(torch.zeros(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_memory_above_the_runs_own_baseline():
+    """A run's first sample is its baseline (taken after the run emptied the allocator's cache):
+    the peak is reported absolute and above it, and ranks merge by their maxima."""
+    from bench.telemetry import _Stats, merge_summaries
+
+    stats = _Stats(num_gpus=0)
+    for gib in (2.0, 5.5, 3.0):
+        stats.add(gib, None)
+    one = stats.summary("cpu", None)
+    assert (one["baseline_memory_gib"], one["peak_memory_gib"], one["peak_memory_above_baseline_gib"]) == (2.0, 5.5, 3.5)
+    other = {**one, "baseline_memory_gib": 1.0, "peak_memory_gib": 4.0, "peak_memory_above_baseline_gib": 3.0}
+    merged = merge_summaries([one, other])
+    assert (merged["baseline_memory_gib"], merged["peak_memory_gib"], merged["peak_memory_above_baseline_gib"]) == \
+        (2.0, 5.5, 3.5)

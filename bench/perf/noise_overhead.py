@@ -1,6 +1,6 @@
 """What does the in-run noise-scale probe cost? (``python -m bench.perf noise-overhead``)
 
-Owns: timing the real worker step (``bench.worker.Trainer.train_step``, fed by
+Owns: timing the real worker step (``bench.worker.Trainer.one_step``, fed by
 ``bench.feed``) with ``noise_scale_every_steps`` off (A) and at the chosen cadences (B),
 one worker with gradient accumulation (the small batches are the micro-batches), on the
 ``synthetic`` workload resident on the device. Each setting is its own Trainer with the same
@@ -10,11 +10,12 @@ with the device synchronised before and after each block. The cost per cadence i
 median of per-round ratios B/A (with min/max), because the spread between rounds can be as
 large as the effect (DESIGN.md, performance notes).
 
-What B pays on top of A: on a probe step, one gradient norm per micro-batch, a copy/add/zero
-of the gradients per extra micro-batch and the final norm; at the end of each block (an
-epoch in a run) one host read of all its probes for the EMA (``bench.noise`` docstring). Not
-measured here: with several workers the probe step also runs the gradient all-reduce after backward instead of overlapped with it (an upper bound on
-that is ``bench.noise.time_probe_s(world_size > 1)``).
+What B pays on top of A: on a probe step, one gradient norm per micro-batch (of the gradient
+accumulated so far minus a copy of the previous one) and the final norm; at the end of each
+block (an epoch in a run) one host read of all its probes for the EMA (``bench.noise``
+docstring). With several workers the probe instead rides in DDP's communication hook (a norm
+per gradient bucket before and after its all-reduce, which keeps overlapping backward); that
+path is not timed here.
 
 Imports torch and bench; must not import ray.
 """
@@ -75,8 +76,8 @@ def _block(trainer, epoch: int, steps: int, device: torch.device) -> float:
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     for s, (micro_batches, num_global) in enumerate(trainer.feed.steps(epoch, steps)):
-        trainer.train_step(micro_batches, num_global, s)
-    trainer.log_noise_scale()  # the block's probes read and logged, as at the end of an epoch
+        trainer.one_step(micro_batches, num_global, s)
+    trainer.read_pending()  # the block's probes and losses read and logged, as at the end of an epoch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0
