@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bench.lm.batching import IGNORE_INDEX, BatchSpec
 from bench.lm.corpus import load_python_docs
@@ -13,6 +12,8 @@ from bench.lm.feed import LMFeed
 from bench.lm.markov import load_markov
 from bench.lm.model import build_gpt
 from bench.lm.tokenfile import open_token_dir, write_token_dir
+from bench.step import IGNORE_INDEX as STEP_IGNORE_INDEX
+from bench.step import summed_loss
 
 CPU = torch.device("cpu")
 
@@ -61,10 +62,8 @@ def test_two_ranks_give_the_one_worker_gradient(markov):
         model.zero_grad()
         feed = LMFeed(markov, spec(world, accum, packing=False), rank, world, CPU)
         micro_batches, num_global = next(iter(feed.steps(epoch=3, count=1)))
-        for x, y in micro_batches:
-            loss = F.cross_entropy(model(x).reshape(-1, 9).float(), y.reshape(-1), reduction="sum",
-                                   ignore_index=IGNORE_INDEX)
-            (loss * world / num_global).backward()
+        for x, y in micro_batches:  # bench.step.TrainStep's loss and scale, without its optimizer step
+            (summed_loss(model(x), y) * world / num_global).backward()
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     one = rank_grad(0, 1, 1)
@@ -113,3 +112,7 @@ def test_validation_can_be_capped_to_a_fixed_subset(markov):
     assert targets == 640 == feed.train_eval_samples  # 20 windows of 32; train matches val's size
     again = LMFeed(markov, spec(), 0, 1, CPU, val_eval_tokens=640)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(feed.eval_batches("val"), again.eval_batches("val")))
+
+
+def test_padding_target_is_the_one_the_step_ignores():
+    assert IGNORE_INDEX == STEP_IGNORE_INDEX == -100

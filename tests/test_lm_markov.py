@@ -3,18 +3,20 @@ trained in-process that approaches the floor from above."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bench.lm.batching import BatchSpec
 from bench.lm.feed import LMFeed
 from bench.lm.markov import (MarkovChain, document_chain, entropy_nats, load_markov, markov_token_chain,
                              random_transition, sample_documents)
 from bench.lm.model import build_gpt
+from bench.step import TrainStep
+from bench.worker import WorkerContext, evaluate
 
 
 def binary_entropy(p: float) -> float:
@@ -79,20 +81,17 @@ V, CONCENTRATION, MEAN_DOC, CONTEXT = 16, 0.2, 32, 32
 STEPS, PEAK_LR, WARMUP = 100, 1e-2, 10  # AdamW, linear warmup then cosine to 0
 
 
-def val_loss(model, feed, vocab) -> float:
-    total = count = 0.0
-    with torch.no_grad():
-        for x, y in feed.eval_batches("val"):
-            total += F.cross_entropy(model(x).reshape(-1, vocab), y.reshape(-1), reduction="sum",
-                                     ignore_index=-100).item()
-            count += (y != -100).sum().item()
-    return total / count
+def val_loss(model, feed) -> float:
+    """The worker's own evaluation (next-token accuracy and mean loss over non-padding targets)."""
+    _, loss = evaluate(model, feed.eval_batches("val"), WorkerContext(), contextlib.nullcontext, torch.device("cpu"))
+    return loss
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "bucketed"])
 def test_tiny_gpt_approaches_the_entropy_floor(packing):
-    """100 steps of 1,024 tokens (a few seconds): the validation loss falls from about ln(17)
+    """100 steps of 1,024 tokens through the shared training step (bench.step.TrainStep; a few
+    seconds): the validation loss falls from about ln(17)
     to within 0.06 nats of what the true chain scores on the same validation tokens, and never
     below it by more than sampling noise (which would mean a wrong floor or a leak)."""
     data = load_markov(num_states=V, concentration=CONCENTRATION, mean_doc_tokens=MEAN_DOC,
@@ -106,17 +105,11 @@ def test_tiny_gpt_approaches_the_entropy_floor(packing):
     torch.manual_seed(0)
     model = build_gpt("gpt-tiny", data.vocab_size, CONTEXT)
     optimizer = torch.optim.AdamW(model.parameters(), lr=PEAK_LR, weight_decay=0.0)
-    initial = val_loss(model, feed, data.vocab_size)
+    initial = val_loss(model, feed)
+    train_step = TrainStep(model, optimizer)  # the step the worker runs
     for step, (micro_batches, num_global) in enumerate(feed.steps(epoch=1, count=STEPS)):
         lr = PEAK_LR * min(1.0, (step + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * step / STEPS))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for x, y in micro_batches:
-            loss = F.cross_entropy(model(x).reshape(-1, data.vocab_size).float(), y.reshape(-1),
-                                   reduction="sum", ignore_index=-100)
-            (loss / num_global).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    final = val_loss(model, feed, data.vocab_size)
+        train_step(micro_batches, num_global, lr)
+    final = val_loss(model, feed)
     assert initial > true_loss + 1.0
     assert -0.01 < final - true_loss < 0.06

@@ -36,7 +36,7 @@ from bench.errors import PlanError
 from bench.lm.tokenplan import (bucket_capacities, check_bucket_lengths, geometric_bucket_lengths,
                                 packed_windows, steps_per_epoch_bucketed)
 
-IGNORE_INDEX = -100  # target of a padding position: F.cross_entropy(ignore_index=-100) skips it
+IGNORE_INDEX = -100  # target of a padding position: bench.step.IGNORE_INDEX, which the loss skips
 BATCHING_STREAM = 0x42415443  # "BATC": this module's random stream, apart from model init
 
 

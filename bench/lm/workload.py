@@ -51,7 +51,6 @@ class LMOptions(BaseModel):
     batching: Literal["pack", "bucket"] = Field("pack", description="fixed-context packing or length buckets")
     bucket_lengths: Optional[tuple[int, ...]] = Field(None, description="bucket: padded lengths, ending at T")
     val_eval_tokens: Optional[int] = Field(None, ge=1, description="validation targets evaluated (None: all)")
-    train_eval_tokens: Optional[int] = Field(None, ge=1, description="train-metric targets (None: as many as val)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "LMOptions":
