@@ -1,17 +1,18 @@
 """Analysis: stored runs -> tidy DataFrames and the scaling numbers behind the report.
 
-Owns: one row per run (``runs_frame``: final/best accuracy, generalisation gap and
-steps/epochs/samples/time-to-target read from the event log afterwards), per-eval
-learning curves, the applied LR schedule, telemetry as numbers, seed statistics
-(mean, std, n, MLPerf olympic mean), the per-batch summary table, the
-Shallue/McCandlish fit steps(B) = S_min * (1 + B_crit / B), scaling regimes,
-steps speed-up and throughput scaling efficiency.
+Owns: one row per run (``runs_frame``: final/best accuracy, generalisation gap, first and
+sustained steps/epochs/samples/time-to-target with their resolutions (bench.crossing), failure
+wording and memory figures (bench.run_facts), hardware warnings (bench.provenance)), per-eval
+learning curves, the applied LR schedule, telemetry as numbers, seed statistics (mean, std, n,
+MLPerf olympic mean), the per-batch summary table, scaling regimes, steps speed-up and
+throughput scaling efficiency. The steps(B) fit lives in bench.fit (re-exported here).
 
-Input is ``bench.store.RunRecord`` values (the caller loads them); nothing here
-knows a file path. Must not import: torch, ray, matplotlib, seaborn.
+Input is ``bench.records.RunRecord`` values (the caller loads them); nothing here knows a file
+path. Must not import: torch, ray, matplotlib, seaborn.
 
-Unknown stays NaN/None, never a guess: a run that never reaches the target keeps
-its row with NaN to-target values; incomplete runs appear with status "incomplete".
+Unknown stays NaN/None, never a guess: a run that never reaches the target keeps its row with
+NaN to-target values; incomplete and damaged runs keep their rows (status "incomplete" /
+"damaged"), and every aggregate below leaves damaged runs out (``trusted``).
 """
 
 from __future__ import annotations
@@ -22,14 +23,24 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from bench import crossing
 from bench import events as ev
-from bench.store import RunRecord
+from bench.fit import NOISE_AGREEMENT, critical_batch, fit_steps_curve, fit_sweep  # noqa: F401 (re-exported)
+from bench.provenance import hardware_mismatches
+from bench.run_facts import describe_failure, failure_lr, memory_figures
+from bench.spread import Sample, compare
+from bench.records import RunRecord
 
 RUN_COLUMNS = [
     "sweep", "run_id", "workload", "global_batch_size", "num_workers", "per_worker_batch_size",
     "grad_accum_steps", "seed", "peak_lr", "final_train_acc", "final_test_acc", "best_test_acc",
     "epochs_to_target", "steps_to_target", "time_to_target_s", "train_time_s", "samples_per_s", "status",
 ]
+# --all-columns: after RUN_COLUMNS, these first (first and sustained crossings side by side)
+LEAD_COLUMNS = [*crossing.columns(), "target_hold_evals", "target_accuracy", "failure_reason", "failure_lr",
+                "failure_peak_lr", "failure_in_warmup", "failure_before_peak", "train_peak_allocated_gib",
+                "train_peak_reserved_gib", "memory_source", "nvml_peak_gib", "nvml_baseline_gib", "nvml_peak_above_baseline_gib",
+                "hardware_warnings"]
 GROUP_KEYS = ("sweep", "global_batch_size", "num_workers")
 LAST_FRACTION = 0.2  # test_acc_std_last_k: evaluations in the last 20 % of the epochs run
 PERFECT_MIN_SPEEDUP = 1.8  # steps speed-up per batch doubling at or above this: perfect scaling
@@ -44,7 +55,7 @@ def to_float(value: Any) -> float:
         return math.nan
     try:
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # 10**400 in a log is not a number we can use
         return math.nan
 
 
@@ -61,6 +72,8 @@ def _identity(record: RunRecord) -> dict[str, Any]:
         "global_batch_size": pick("global_batch_size"), "num_workers": pick("num_workers"),
         "per_worker_batch_size": pick("per_worker_batch_size"), "grad_accum_steps": pick("grad_accum_steps"),
         "seed": pick("seed"), "peak_lr": pick("peak_lr"),
+        # LR search (bench.lrsearch): 1.0 and 0 for every run of a plain sweep
+        "lr_factor": to_float(plan.get("lr_factor", 1.0)), "stage": plan.get("stage", 0),
     }
 
 
@@ -68,20 +81,31 @@ def _summary_dict(record: RunRecord) -> dict[str, Any]:
     return record.summary.model_dump() if record.summary is not None else {}
 
 
+def train_samples(record: RunRecord) -> float:
+    """Samples in one epoch of the training set: the train_samples event, else the plan's num_train."""
+    logged = next((e.get("value") for e in record.events if e.get("key") == ev.TRAIN_SAMPLES), None)
+    return to_float(logged if logged is not None else (record.plan or {}).get("num_train"))
+
+
 def evaluations(record: RunRecord) -> list[dict[str, float]]:
-    """One dict per evaluation (grouped by epoch_num and step), in log order."""
+    """One dict per evaluation, in training order: step, samples, epoch (= samples / training-set
+    size, fractional for step-based evaluation), epoch_num (as logged: display only),
+    train_time_s, elapsed_s and the four metrics. One evaluation per optimizer step count."""
+    per_epoch = train_samples(record)
     rows: dict[tuple, dict[str, float]] = {}
     for event in record.events:
         column = _METRIC_COLUMN.get(event.get("key"))
         if column is None:
             continue
         md = event.get("metadata") or {}
-        row = rows.setdefault((md.get("epoch_num"), md.get("step")), {
-            "epoch": to_float(md.get("epoch_num")), "step": to_float(md.get("step")),
-            "samples": to_float(md.get("samples_count")), "train_time_s": to_float(md.get("train_time_s")),
-            "elapsed_s": to_float(md.get("elapsed_s")), "train_acc": math.nan, "test_acc": math.nan,
-            "train_loss": math.nan, "test_loss": math.nan})
-        row[column] = to_float(event.get("value"))
+        step, samples, epoch_num = to_float(md.get("step")), to_float(md.get("samples_count")), md.get("epoch_num")
+        key = ("step", step) if not math.isnan(step) else ("epoch", epoch_num)
+        if key not in rows:
+            epoch = samples / per_epoch if per_epoch > 0 and not math.isnan(samples) else to_float(epoch_num)
+            rows[key] = {"epoch": epoch, "epoch_num": to_float(epoch_num), "step": step, "samples": samples,
+                         "train_time_s": to_float(md.get("train_time_s")), "elapsed_s": to_float(md.get("elapsed_s")),
+                         "train_acc": math.nan, "test_acc": math.nan, "train_loss": math.nan, "test_loss": math.nan}
+        rows[key][column] = to_float(event.get("value"))
     return list(rows.values())
 
 
@@ -91,15 +115,10 @@ def target_of(record: RunRecord, override: float | None = None) -> float:
     return to_float((record.config or {}).get("target_accuracy", _summary_dict(record).get("target_accuracy")))
 
 
-def to_target(evals: list[dict[str, float]], target: float) -> dict[str, float]:
-    """First evaluation whose test accuracy >= target (Shallue et al.); NaN when never reached."""
-    hit = next((e for e in evals if not math.isnan(target) and e["test_acc"] >= target), None)
-    if hit is None:
-        return dict.fromkeys(("epochs_to_target", "steps_to_target", "samples_to_target",
-                              "time_to_target_s", "elapsed_to_target_s"), math.nan)
-    return {"epochs_to_target": hit["epoch"], "steps_to_target": hit["step"],
-            "samples_to_target": hit["samples"], "time_to_target_s": hit["train_time_s"],
-            "elapsed_to_target_s": hit["elapsed_s"]}
+def hold_evals_of(record: RunRecord) -> int:
+    """The sweep's target_hold_evals (consecutive evaluations for a sustained crossing)."""
+    value = (record.config or {}).get("target_hold_evals")
+    return int(value) if isinstance(value, int) and value >= 1 else crossing.DEFAULT_HOLD_EVALS
 
 
 def _last_fluctuation(evals: list[dict[str, float]]) -> float:
@@ -118,26 +137,6 @@ def _noise_scale(record: RunRecord) -> float:
     values = [to_float(e.get("value")) for e in record.events if e.get("key") == ev.GRADIENT_NOISE_SCALE]
     values = [v for v in values[len(values) // 2:] if math.isfinite(v)]
     return float(np.median(values)) if values else math.nan
-
-
-def _failure_reason(record: RunRecord) -> str | None:
-    if record.damage is not None:
-        return f"damaged: {record.damage}"
-    summary = _summary_dict(record) or None
-    if summary is None:
-        stops = [e for e in record.events if e.get("key") == ev.RUN_STOP]
-        if stops:
-            md = stops[-1].get("metadata") or {}
-            return f"no summary.json; run_stop {md.get('status', '?')}: {md.get('reason', 'no reason given')}"
-        epochs = [e for e in record.events if e.get("key") == ev.EPOCH_STOP]
-        last = (epochs[-1].get("metadata") or {}).get("epoch_num") if epochs else 0
-        return f"no summary.json (interrupted or still running; last epoch logged: {last})"
-    failure = summary.get("failure")
-    if summary.get("status", "success") == "success" and not failure:
-        return None
-    if isinstance(failure, dict):
-        return str(failure.get("reason") or summary.get("status"))
-    return str(failure or summary.get("status"))
 
 
 def _summary_values(record: RunRecord, evals: list[dict[str, float]]) -> dict[str, Any]:
@@ -163,27 +162,43 @@ def run_row(record: RunRecord, target_accuracy: float | None = None) -> dict[str
     """Everything known about one run, flat. Final values come from summary.json only
     (NaN for incomplete runs); best and to-target values from the event log."""
     evals = evaluations(record)
-    target = target_of(record, target_accuracy)
+    target, hold = target_of(record, target_accuracy), hold_evals_of(record)
     plan = record.plan or {}
-    row = {**_identity(record), **_summary_values(record, evals), **to_target(evals, target),
+    at = failure_lr(record)
+    row = {**_identity(record), **_summary_values(record, evals), **crossing.crossings(evals, target, hold_evals=hold),
            "status": record.status, "test_acc_std_last_k": _last_fluctuation(evals),
            "micro_batch_size": plan.get("micro_batch_size"), "model": plan.get("model"),
-           "target_accuracy": target, "failure_reason": _failure_reason(record),
+           "target_accuracy": target, "target_hold_evals": hold, "failure_reason": describe_failure(record),
+           "failure_lr": at.get("lr", math.nan), "failure_peak_lr": at.get("peak_lr", math.nan),
+           "failure_in_warmup": at.get("in_warmup"), "failure_before_peak": at.get("before_peak"),
+           **memory_figures(record),
+           "hardware_warnings": "; ".join(hardware_mismatches(record)) or None,
            "noise_scale_b_simple": _noise_scale(record), "num_evals": len(evals),
            "steps_per_epoch": plan.get("steps_per_epoch"), "cluster": (record.cluster or {}).get("name")}
     return row
 
 
 def runs_frame(records: Iterable[RunRecord], *, target_accuracy: float | None = None) -> pd.DataFrame:
-    """One row per run: RUN_COLUMNS first, then the extra columns. Never drops a run."""
+    """One row per run: RUN_COLUMNS first, then LEAD_COLUMNS, then the rest. Never drops a run."""
     rows = [run_row(r, target_accuracy) for r in records]
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=RUN_COLUMNS)
-    extra = [c for c in df.columns if c not in RUN_COLUMNS]
-    df = df[RUN_COLUMNS + extra]
+    lead = [c for c in LEAD_COLUMNS if c in df.columns and c not in RUN_COLUMNS]
+    extra = [c for c in df.columns if c not in RUN_COLUMNS and c not in lead]
+    df = df[RUN_COLUMNS + lead + extra]
     return df.sort_values(["sweep", "num_workers", "global_batch_size", "seed"], kind="stable",
                           ignore_index=True)
+
+
+def trusted(runs_df: pd.DataFrame) -> pd.DataFrame:
+    """The rows every aggregate, figure and fit may use: all but damaged runs and, in an LR search,
+    all but the runs away from the rule's LR (runs at different LRs of one batch are never averaged
+    together; bench.report_lrsearch compares rule and tuned)."""
+    keep = runs_df["status"].ne("damaged") if "status" in runs_df else pd.Series(True, index=runs_df.index)
+    if "lr_factor" in runs_df:
+        keep &= runs_df["lr_factor"].isna() | runs_df["lr_factor"].eq(1.0)
+    return runs_df[keep]
 
 
 def _tag(record: RunRecord) -> dict[str, Any]:
@@ -194,7 +209,7 @@ def _tag(record: RunRecord) -> dict[str, Any]:
 def curves_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
     """Tidy learning curves: one row per evaluation of every run."""
     rows = [{**_tag(r), "status": r.status, **e} for r in records for e in evaluations(r)]
-    return pd.DataFrame(rows, columns=[*_tag_columns(), "status", "epoch", "step", "samples",
+    return pd.DataFrame(rows, columns=[*_tag_columns(), "status", "epoch", "epoch_num", "step", "samples",
                                        "train_time_s", "elapsed_s", "train_acc", "test_acc",
                                        "train_loss", "test_loss"])
 
@@ -219,11 +234,16 @@ def lr_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
 _TEXT_TELEMETRY = ("sweep", "run_id", "node", "kind", "gpu_uuid")
 
 
-def telemetry_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
-    """Telemetry rows of every rank as numbers (empty cell -> NaN); t_s = seconds since the run's first sample."""
+def telemetry_frame(records: Iterable[RunRecord], problems: list[str] | None = None) -> pd.DataFrame:
+    """Telemetry rows of every rank as numbers (empty cell -> NaN); t_s = seconds since the run's
+    first sample. A telemetry file that cannot be read is left out (the others are kept) and, when
+    ``problems`` is given, named there in one line (file, run and reason; never its content)."""
     frames = []
     for r in records:
-        rows, _problems = r.read_telemetry()
+        rows, unread = r.read_telemetry()
+        if problems is not None:
+            problems.extend(f"{r.sweep}/{r.run_id}: telemetry file skipped: "
+                            + p.replace(f"{r.path}/", "").replace(str(r.path), r.run_id) for p in unread)
         if rows:
             tag = {**_tag(r), "per_worker_batch_size": _identity(r)["per_worker_batch_size"]}
             frames.append(pd.DataFrame(rows).assign(**tag))
@@ -275,91 +295,34 @@ def seed_stats(df: pd.DataFrame, value_col: str, by: Sequence[str] = GROUP_KEYS,
 
 
 _TABLE_STATS = ("final_train_acc", "final_test_acc", "gap_acc", "steps_to_target", "epochs_to_target",
-                "time_to_target_s", "samples_per_s", "test_acc_std_last_k", "noise_scale_b_simple")
+                "time_to_target_s", "steps_to_target_sustained", "epochs_to_target_sustained",
+                "time_to_target_sustained_s", "steps_to_target_resolution", "epochs_to_target_resolution",
+                "samples_per_s", "test_acc_std_last_k", "noise_scale_b_simple")
 
 
 def batch_table(runs_df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (sweep, global batch, num_workers): counts, mean/std of each stat over the runs
-    where it is known, and the MLPerf olympic mean of epochs-to-target (a non-reaching run counts
-    as slowest)."""
+    """One row per (sweep, global batch, num_workers) over the trusted (not damaged) runs:
+    counts, mean/std of each stat over the runs where it is known, the MLPerf olympic mean of
+    epochs-to-target (a non-reaching run counts as slowest), runs that ended below a target they
+    had reached, and the largest memory figures."""
     rows = []
-    for key, g in runs_df.groupby(list(GROUP_KEYS), sort=True):
+    for key, g in trusted(runs_df).groupby(list(GROUP_KEYS), sort=True):
         row = {**dict(zip(GROUP_KEYS, key)), "per_worker_batch_size": g["per_worker_batch_size"].iloc[0],
                "peak_lr": g["peak_lr"].iloc[0], "n_runs": len(g), "n_success": int((g["status"] == "success").sum()),
                "n_reached": int(g["steps_to_target"].notna().sum()),
+               "n_sustained": int(g.get("steps_to_target_sustained", pd.Series(dtype=float)).notna().sum()),
+               "n_ends_below": int(g.get("ends_below_target", pd.Series(dtype=bool)).fillna(False).astype(bool).sum()),
                "statuses": ", ".join(f"{n} {s}" for s, n in g["status"].value_counts().sort_index().items())}
         for col in _TABLE_STATS:
-            row[f"{col}_mean"], row[f"{col}_std"], _ = _mean_std_n(g[col])
+            row[f"{col}_mean"], row[f"{col}_std"], _ = _mean_std_n(g[col]) if col in g else (math.nan,) * 3
         row["epochs_to_target_olympic"] = olympic_mean(g["epochs_to_target"], missing_as_worst=True)
-        row["peak_memory_gib_max"] = g["peak_memory_gib"].max() if "peak_memory_gib" in g else math.nan
+        for col in ("peak_memory_gib", "train_peak_allocated_gib", "nvml_peak_gib"):
+            row[f"{col}_max"] = g[col].max() if col in g else math.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 # --- scaling ------------------------------------------------------------------------------
-
-def fit_steps_curve(batch: Iterable[float], steps: Iterable[float], *, relative: bool = True) -> dict[str, Any]:
-    """Fit steps(B) = S_min * (1 + B_crit / B) (McCandlish et al. 2018; Shallue et al. 2018).
-
-    Linear in 1/B: steps = S_min + (S_min * B_crit) / B, solved by (weighted) least squares.
-    relative=True weights residuals by 1/steps (seed noise grows with the step count). Errors are
-    1-sigma from the parameter covariance (residual variance, n - 2 dof); B_crit's by the delta
-    method. Fewer than two distinct batches, or a fit with S_min <= 0 or B_crit <= 0, gives NaN.
-    """
-    b = np.asarray(list(batch), dtype=float)
-    s = np.asarray(list(steps), dtype=float)
-    ok = np.isfinite(b) & np.isfinite(s) & (b > 0) & (s > 0)
-    b, s = b[ok], s[ok]
-    out: dict[str, Any] = {"S_min": math.nan, "B_crit": math.nan, "S_min_err": math.nan,
-                           "B_crit_err": math.nan, "n_points": int(b.size),
-                           "n_batches": int(np.unique(b).size), "rel_rms": math.nan, "reason": None}
-    if out["n_batches"] < 2:
-        out["reason"] = "fewer than two batch sizes reached the target"
-        return out
-    w = 1.0 / s if relative else np.ones_like(s)
-    design = np.column_stack([np.ones_like(b), 1.0 / b]) * w[:, None]
-    coef, *_ = np.linalg.lstsq(design, s * w, rcond=None)
-    s_min, slope = float(coef[0]), float(coef[1])
-    if s_min <= 0 or slope <= 0:
-        out["reason"] = f"fit has no plateau in the measured range (S_min={s_min:.3g}, slope={slope:.3g})"
-        return out
-    pred = s_min + slope / b
-    dof = b.size - 2
-    cov = np.full((2, 2), math.nan)
-    if dof > 0:
-        cov = float(np.sum((s * w - design @ coef) ** 2)) / dof * np.linalg.inv(design.T @ design)
-    b_crit = slope / s_min
-    var_b = cov[1, 1] / s_min**2 + slope**2 * cov[0, 0] / s_min**4 - 2 * slope * cov[0, 1] / s_min**3
-    out.update(S_min=s_min, B_crit=b_crit, S_min_err=float(math.sqrt(cov[0, 0])),
-               B_crit_err=float(math.sqrt(max(var_b, 0.0))) if np.isfinite(var_b) else math.nan,
-               rel_rms=float(np.sqrt(np.mean(((s - pred) / s) ** 2))))
-    return out
-
-
-NOISE_AGREEMENT = 3.0  # McCandlish et al. 2018 found B_simple within about this factor of B_crit
-
-
-def critical_batch(sweep_runs: pd.DataFrame, fit: dict[str, Any]) -> dict[str, Any]:
-    """One sweep's two estimates of the critical batch: B_crit from the steps(B) fit and the in-run
-    B_simple (median over runs of each run's late-training median), their ratio, whether they
-    agree within NOISE_AGREEMENT, and otherwise why not (a sentence for the report)."""
-    b_crit = to_float(fit.get("B_crit"))
-    b_simple = to_float(sweep_runs["noise_scale_b_simple"].median()) if len(sweep_runs) else math.nan
-    out = {"B_crit": b_crit, "B_simple": b_simple, "ratio": math.nan, "agree": None, "why_not": None}
-    if not math.isfinite(b_simple):
-        out["why_not"] = ("no run measured the gradient noise scale (set noise_scale_every_steps; one worker "
-                          "also needs gradient accumulation, so that there are two batch sizes to compare)")
-    elif not math.isfinite(b_crit):
-        out["why_not"] = f"B_crit could not be fitted: {fit.get('reason') or 'no fit'}"
-    else:
-        out["ratio"] = b_simple / b_crit
-        out["agree"] = 1 / NOISE_AGREEMENT <= out["ratio"] <= NOISE_AGREEMENT
-        if not out["agree"]:
-            out["why_not"] = (f"they differ by {max(out['ratio'], 1 / out['ratio']):.1f}x: B_simple is the noise "
-                              "scale late in training under a simplifying isotropic-Hessian assumption, while B_crit "
-                              "summarises the whole run to the target, whose accuracy also sets it")
-    return out
-
 
 def _mean_by_batch(batch: Iterable[float], steps: Iterable[float]) -> pd.Series:
     df = pd.DataFrame({"b": np.asarray(list(batch), float), "s": np.asarray(list(steps), float)})
@@ -399,11 +362,23 @@ def scaling_regimes(batch: Iterable[float], steps: Iterable[float], *,
                          "speedup_per_doubling": per_doubling.values, "regime": regimes})
 
 
+def compare_batches(runs: pd.DataFrame, col: str, batch_a: float, batch_b: float, *, unit: str = ""):
+    """bench.spread.compare of one column between two global batches of one sweep's runs; for a
+    to-target column the evaluation interval (the larger mean resolution of the two) counts too."""
+    res_col = crossing.resolution_of(col)
+    a, b = (runs[runs["global_batch_size"] == x] for x in (batch_a, batch_b))
+    widths = [g[res_col].mean() for g in (a, b) if res_col in g]
+    resolution = max((w for w in widths if math.isfinite(w)), default=math.nan)
+    return compare(Sample.of(a[col]), Sample.of(b[col]), resolution=resolution, unit=unit)
+
+
 def speedup_frame(runs_df: pd.DataFrame) -> pd.DataFrame:
-    """Per sweep and batch: mean steps-to-target (runs that reached it), speed-up vs the smallest
-    batch that reached it, the perfect-scaling speed-up B / B0, their ratio, and the regime."""
+    """Per sweep and batch (trusted runs): mean steps-to-target (runs that reached it), speed-up vs
+    the smallest batch that reached it, the perfect-scaling speed-up B / B0, their ratio, the
+    regime, and whether each comparison exceeds the seed spread (bench.spread): ``speedup_noise``
+    against the baseline batch, ``regime_noise`` against the previous reached batch."""
     frames = []
-    for sweep, g in runs_df.groupby("sweep", sort=True):
+    for sweep, g in trusted(runs_df).groupby("sweep", sort=True):
         regimes = scaling_regimes(g["global_batch_size"], g["steps_to_target"])
         counts = g.groupby("global_batch_size").agg(n_runs=("run_id", "size"),
                                                     n_reached=("steps_to_target", "count"))
@@ -416,6 +391,12 @@ def speedup_frame(runs_df: pd.DataFrame) -> pd.DataFrame:
         regimes["speedup"] = s0 / regimes["steps_to_target"]
         regimes["perfect_speedup"] = regimes["global_batch_size"] / b0
         regimes["scaling_fraction"] = regimes["speedup"] / regimes["perfect_speedup"]
+        order = list(reached["global_batch_size"])
+        regimes["speedup_noise"] = [compare_batches(g, "steps_to_target", b0, b).short if b in order and b != b0 else None
+                                    for b in regimes["global_batch_size"]]
+        segment = {b: order[max(i, 1) - 1: max(i, 1) + 1] for i, b in enumerate(order)}  # as scaling_regimes
+        regimes["regime_noise"] = [compare_batches(g, "steps_to_target", *segment[b]).short
+                                   if b in segment and len(order) > 1 else None for b in regimes["global_batch_size"]]
         frames.append(regimes)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -423,7 +404,7 @@ def speedup_frame(runs_df: pd.DataFrame) -> pd.DataFrame:
 def scaling_efficiency(runs_df: pd.DataFrame) -> pd.DataFrame:
     """Throughput scaling at a fixed global batch: speedup = samples/s(w) / samples/s(1 worker),
     efficiency = speedup / w. NaN where the sweep has no 1-worker run at that batch."""
-    mean = (runs_df.groupby(list(GROUP_KEYS), sort=True)["samples_per_s"].mean().rename("samples_per_s")
+    mean = (trusted(runs_df).groupby(list(GROUP_KEYS), sort=True)["samples_per_s"].mean().rename("samples_per_s")
             .reset_index())
     base = mean[mean["num_workers"] == 1][["sweep", "global_batch_size", "samples_per_s"]]
     out = mean.merge(base.rename(columns={"samples_per_s": "one_worker_samples_per_s"}),

@@ -6,19 +6,20 @@ Owns:
   to apply to every training batch. It runs as a handful of tensor ops (one
   gather for the whole batch), never a Python loop over images, so on a GPU it
   costs a few kernel launches per step instead of a CPU round trip.
-- ``train_transform`` / ``val_transform`` — the standard ImageNet transforms on
-  one Pillow image (random resized crop 224 + flip; resize 256 + centre crop
-  224), run inside DataLoader processes by the streamed ImageNet dataset.
+- ``imagenet_train_transform`` / ``imagenet_val_transform`` — the standard ImageNet
+  transforms of one uint8 image (random resized crop 224 + flip; resize 256 + centre crop
+  224), torchvision's ``transforms.v2``, run by the streamed ImageNet dataset in DataLoader
+  processes, or per image on the device after a batched decode. torchvision has nothing like
+  the batched crop-and-flip above, so that one is ours.
 
-Must not import: ray, pandas, torchvision; Pillow only inside the Pillow transforms.
+Must not import: ray, pandas; torchvision only inside the functions that build its transforms
+(importing it costs ~2 s, which resident-data runs must not pay).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
-import numpy as np
 import torch
 
 PadMode = Literal["reflect", "zeros"]
@@ -73,57 +74,20 @@ def random_crop_flip(x: torch.Tensor, padding: int = 4, generator: torch.Generat
     return out
 
 
-# --- per-image Pillow transforms (streamed ImageNet) -------------------------------------------
+# --- per-image transforms (streamed ImageNet): torchvision.transforms.v2 -----------------------
 
-def _uniform(low: float, high: float) -> float:
-    # torch's RNG, which DataLoader seeds per loader process: reproducible for a seeded loader.
-    return low + (high - low) * torch.rand(()).item()
+def imagenet_train_transform(size: int = 224):
+    """Random resized crop to ``size`` (8-100 % of the area, aspect ratio 3/4..4/3, bilinear with
+    antialiasing) and a horizontal flip with p = 1/2, on a uint8 (C, H, W) tensor on any device.
+    The random draws come from torch's default CPU generator, which DataLoader seeds per loader
+    process (and the batch decoder per batch): reproducible for a seeded loader."""
+    from torchvision.transforms import v2
 
-
-def random_resized_crop_box(width: int, height: int, scale: tuple[float, float] = (0.08, 1.0),
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """(left, top, crop_width, crop_height) covering a random 8-100 % of the area with a
-    log-uniform aspect ratio in [3/4, 4/3] (Szegedy et al.'s Inception crop); after 10 misses,
-    the centred largest crop whose aspect ratio is within range."""
-    area = width * height
-    for _ in range(10):
-        target = area * _uniform(*scale)
-        aspect = math.exp(_uniform(math.log(ratio[0]), math.log(ratio[1])))
-        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            left = int(torch.randint(0, width - w + 1, ()).item())
-            top = int(torch.randint(0, height - h + 1, ()).item())
-            return left, top, w, h
-    w, h = width, height
-    if width / height < ratio[0]:
-        h = round(width / ratio[0])
-    elif width / height > ratio[1]:
-        w = round(height * ratio[1])
-    return (width - w) // 2, (height - h) // 2, w, h
+    return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
 
 
-def _pil_to_uint8(img) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+def imagenet_val_transform(size: int = 224, resize: int = 256):
+    """Shorter side to ``resize`` (bilinear, antialiased), centre crop ``size``; deterministic."""
+    from torchvision.transforms import v2
 
-
-def train_transform(img, size: int = 224) -> torch.Tensor:
-    """Random resized crop to size x size (bilinear), horizontal flip with p = 1/2; uint8 CHW."""
-    from PIL import Image
-
-    left, top, w, h = random_resized_crop_box(*img.size)
-    img = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
-    if torch.rand(()).item() < 0.5:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return _pil_to_uint8(img)
-
-
-def val_transform(img, size: int = 224, resize: int = 256) -> torch.Tensor:
-    """Shorter side to ``resize`` (bilinear), centre crop size x size; uint8 CHW."""
-    from PIL import Image
-
-    width, height = img.size
-    scale = resize / min(width, height)
-    new_w, new_h = max(resize, round(width * scale)), max(resize, round(height * scale))
-    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return _pil_to_uint8(img.crop((left, top, left + size, top + size)))
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size)])

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import signal
 import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
-from bench.config import default_cluster, load_cluster, load_sweep
-from bench.errors import (EXIT_FAILED, EXIT_INTERRUPTED, BatchscaleError, ConfigError, PlanError,
+from bench.config import check_ray_address, default_cluster, load_cluster, load_sweep
+from bench.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, BatchscaleError, ConfigError, PlanError,
                           StoreError, UserError)
+from bench.memprobe import resolve_micro_batch
 from bench.plan import plan_sweep
+
 
 def _one_line(msg: str) -> str:
     """Messages quote user input, which may hold line breaks or control characters."""
@@ -35,51 +39,93 @@ def _warn(msg: str) -> None:
 
 
 def _load(args: argparse.Namespace):
+    """Everything `run` checks without Ray: both files, the environment's Ray address, and the
+    plan (with ``max_micro_batch_size: auto`` resolved from the memory probe). One line, exit 2."""
+    sweep_path = args.sweep
     try:
         sweep, sweep_path = load_sweep(args.sweep)
         if args.cluster:
             cluster, cluster_path = load_cluster(args.cluster)
         else:
             cluster, cluster_path = default_cluster()
-        plans = plan_sweep(sweep, max_micro_batch_size=_auto_micro_batch(sweep, args, cluster.use_gpu))
+        _check_env_address(cluster)
+        micro = resolve_micro_batch(sweep, results_dir=Path(getattr(args, "results_dir", "results")),
+                                    use_gpu=cluster.use_gpu)
+        plans = plan_sweep(sweep, max_micro_batch_size=micro)
     except PlanError as err:
-        raise UserError(f"{locals().get('sweep_path', args.sweep)}: {err}") from None
+        raise UserError(f"{sweep_path}: {err}") from None
     except ConfigError as err:
         raise UserError(str(err)) from None
     return sweep, sweep_path, cluster, cluster_path, plans
 
 
-def _auto_micro_batch(sweep, args: argparse.Namespace, use_gpu: bool) -> dict[int, int] | None:
-    """`max_micro_batch_size: auto` reads the memory probe's answer for this sweep's setup and
-    device kind: a micro-batch per per-worker batch."""
-    if sweep.max_micro_batch_size != "auto":
-        return None
-    from bench.memfit import ProbeMismatch, micro_batch_for_auto
+def _check_env_address(cluster) -> None:
+    """A cluster file without ``address`` joins the cluster in RAY_ADDRESS when it is set (as
+    under ``ray job submit``); that address is held to the same rules as the file's."""
+    env = os.environ.get("RAY_ADDRESS")
+    if cluster.address is None and env:
+        try:
+            check_ray_address(env)
+        except ValueError as err:
+            raise ConfigError(f"environment variable RAY_ADDRESS: {err}") from None
 
-    try:
-        micro, _path = micro_batch_for_auto(sweep, Path(getattr(args, "results_dir", "results")), use_gpu=use_gpu)
-    except ProbeMismatch as err:
-        raise UserError(f"{args.sweep}: {err}") from None
-    return micro
+
+def _check_results_dir(path: Path) -> None:
+    """--results-dir must be a folder or not exist yet (it is made); under a file it never can be."""
+    for folder in (path, *path.parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                raise UserError(f"--results-dir {path}: {folder} is not a folder")
+            return
 
 
 # --- commands -----------------------------------------------------------------------------------
 
+def _print_plans(plans) -> None:
+    for p in plans:
+        print(f"  {p.run_id}: per-worker {p.per_worker_batch_size} = {p.grad_accum_steps} x "
+              f"{p.micro_batch_size}, {p.steps_per_epoch} steps/epoch x {p.epochs} epochs, "
+              f"peak lr {p.peak_lr:.6g}, warmup {p.warmup_steps} steps")
+
+
+def _dry_run_search(sweep, plans) -> None:
+    """An lr_search sweep's two stages: stage 1 in full; stage 2 as the rule's runs plus, per
+    batch, the LR chosen after stage 1 (bench.lrsearch)."""
+    from bench import lrsearch
+
+    stage1 = lrsearch.search_plans(sweep, plans)
+    print(f"  stage 1 (LR search): {len(stage1)} trials")
+    _print_plans(stage1)
+    seeds = set(lrsearch.search_seeds(sweep))
+    more = [p for p in plans if p.seed not in seeds]
+    print(f"  stage 2 (every seed at the LR chosen after stage 1 and at the rule's LR): {len(more)} runs at "
+          f"the rule's LR below, plus up to {len(more)} at the chosen LRs (none where the rule's LR wins); "
+          "at the search seeds both are stage-1 runs")
+    _print_plans(more)
+    print(f"  chosen after stage 1 by: {lrsearch.CRITERION}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     sweep, sweep_path, cluster, cluster_path, plans = _load(args)
     if args.dry_run:
-        print(f"sweep {sweep.name} from {sweep_path} on cluster {cluster.name}: {len(plans)} runs")
-        for p in plans:
-            print(f"  {p.run_id}: per-worker {p.per_worker_batch_size} = {p.grad_accum_steps} x "
-                  f"{p.micro_batch_size}, {p.steps_per_epoch} steps/epoch x {p.epochs} epochs, "
-                  f"peak lr {p.peak_lr:.6g}, warmup {p.warmup_steps} steps")
+        if sweep.lr_search is None:
+            print(f"sweep {sweep.name} from {sweep_path} on cluster {cluster.name}: {len(plans)} runs")
+            _print_plans(plans)
+        else:
+            print(f"sweep {sweep.name} from {sweep_path} on cluster {cluster.name}: an LR search in two stages")
+            _dry_run_search(sweep, plans)
         return 0
-    from bench import launcher
+    _check_results_dir(Path(args.results_dir))  # the rest of the folder checks: runner, before Ray
+    from bench import launcher, lrsearch
     from bench.runner import run_sweep
 
     try:
-        outcome = run_sweep(sweep, cluster, Path(args.results_dir), plans=plans,
-                            cluster_file=str(cluster_path) if cluster_path else None)
+        cluster_file = str(cluster_path) if cluster_path else None
+        if sweep.lr_search is None:
+            outcome = run_sweep(sweep, cluster, Path(args.results_dir), plans=plans, cluster_file=cluster_file)
+        else:
+            outcome = lrsearch.run_search(sweep, cluster, Path(args.results_dir), rule_plans=plans,
+                                          cluster_file=cluster_file)
     except StoreError as err:
         raise UserError(str(err), EXIT_FAILED) from None
     except launcher.LauncherError as err:
@@ -89,37 +135,54 @@ def cmd_run(args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
     for status in outcome.statuses.values():
         counts[status] = counts.get(status, 0) + 1
-    starts = ", ".join(f"{g.start_s:.1f} s" if g.start_s is not None else "?" for g in outcome.groups)
+    stages = [outcome] if sweep.lr_search is None else [o for o in (outcome.stage1, outcome.stage2) if o]
+    groups = [g for o in stages for g in o.groups]
+    starts = ", ".join(f"{g.start_s:.1f} s" if g.start_s is not None else "?" for g in groups)
     print(f"sweep {sweep.name} done in {outcome.wall_s:.1f} s: "
           + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-          + f"; {len(outcome.groups)} worker-group start(s){' (' + starts + ')' if starts else ''}")
-    print(f"results: {outcome.sweep_dir}   next: batchscale results {outcome.sweep_dir}")
+          + f"; {len(groups)} worker-group start(s){' (' + starts + ')' if starts else ''}")
+    print(f"results: {stages[0].sweep_dir}   next: batchscale results {stages[0].sweep_dir}")
     return 0 if counts.get("incomplete", 0) == 0 else EXIT_FAILED
 
 
-def _runs_frame(paths: Sequence[str]):
-    from bench import analysis
-    from bench.store import load_results
+def _check_results_paths(paths: Sequence[str]) -> list[Path]:
+    """Every path given to `results`/`report` is an existing folder."""
+    out = []
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise UserError(f"{p}: no such results folder")
+        if not path.is_dir():
+            raise UserError(f"{p}: not a folder (give a sweep's results folder, or a folder of them)")
+        out.append(path)
+    return out
+
+
+def _records(paths: Sequence[str]):
+    from bench.records import load_results
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            records = load_results([Path(p) for p in paths])
+            records = load_results(_check_results_paths(paths))
         except StoreError as err:
             raise UserError(str(err)) from None
     for w in caught:
         _warn(str(w.message))
     if not records:
         raise UserError(f"no runs found under {', '.join(paths)}", EXIT_FAILED)
-    return analysis.runs_frame(records)
+    return records
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    df = _runs_frame(args.paths)
-    if not args.all_columns:
-        from bench.analysis import RUN_COLUMNS
+    """One row per run, damaged runs included (status 'damaged', each also warned about on
+    stderr). Exit 0, or 1 when every run found is damaged (nothing readable is left)."""
+    from bench import analysis
 
-        df = df[list(RUN_COLUMNS)]
+    records = _records(args.paths)
+    df = analysis.runs_frame(records)
+    if not args.all_columns:
+        df = df[list(analysis.RUN_COLUMNS)]
     if args.format == "csv":
         df.to_csv(sys.stdout, index=False)
     elif args.format == "json":
@@ -129,30 +192,59 @@ def cmd_results(args: argparse.Namespace) -> int:
 
         with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250):
             print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if all(r.damage is not None for r in records):
+        _err(f"every run found under {', '.join(args.paths)} is damaged (listed above)")
+        return EXIT_FAILED
     return 0
+
+
+def _check_output(path: Path) -> None:
+    """-o: a new or regular file, in a folder that exists (or can be made) and is writable."""
+    if path.is_dir():
+        raise UserError(f"-o {path}: is a folder; give the HTML file to write, e.g. {path / 'report.html'}")
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        raise UserError(f"-o {path}: exists and is not a regular file")
+    for folder in path.parents:
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                raise UserError(f"-o {path}: {folder} is not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+                raise UserError(f"-o {path}: not writable here ({folder} is not writable)")
+            return
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from bench.report import write_report
 
-    for p in args.paths:
-        if not Path(p).is_dir():
-            raise UserError(f"no results folder at {p}")
+    paths = _check_results_paths(args.paths)
+    target = args.target_accuracy
+    if target is not None and not (math.isfinite(target) and 0 < target <= 1):
+        raise UserError(f"--target-accuracy {target:g}: must be a fraction in (0, 1], e.g. 0.9")
     out = Path(args.output)
+    _check_output(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        path = write_report([Path(p) for p in args.paths], out, target_accuracy=args.target_accuracy,
-                            title=args.title)
+        path = write_report(paths, out, target_accuracy=target, title=args.title)
     except StoreError as err:
         raise UserError(str(err)) from None
+    except OSError as err:
+        raise UserError(f"-o {out}: cannot write ({err.strerror or type(err).__name__})") from None
     print(f"report: {path}")
     return 0
 
 
 # --- parser -----------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors in the house format: one line, exit 2 (no usage block; --help has it)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        _err(f"{self.prog}: {message} (see {self.prog} --help)")
+        raise SystemExit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="batchscale", description=(
+    parser = _Parser(prog="batchscale", description=(
         "Sweep global batch sizes on Ray Train; measure time-to-accuracy and generalisation."))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -183,9 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # submit / check / compare (bench.submission) and plan (bench.planner) add their own parsers.
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    from bench import memprobe, planner, submission
+    from bench import memprobe, planner_cli, submission
 
-    return [submission.register, planner.register, memprobe.register]
+    return [submission.register, planner_cli.register, memprobe.register]
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

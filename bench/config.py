@@ -1,8 +1,15 @@
-"""Sweep and cluster configuration: one pydantic model each, validated at the door.
+"""Sweep and cluster configuration, validated at the door: the one place both files are loaded.
 
-Owns: the schema of sweep YAML and cluster YAML files, safe loading, and the
-translation of any validation failure into one line naming the file, the key
-and what is allowed (``ConfigError``; the CLI exits 2 with it).
+Owns: the schema of sweep YAML files (``SweepConfig`` and its parts; docs/sweep-files.md is the
+reference for both files), loading sweep and cluster files through bench.safeio, and turning any
+failure into one line naming the file, the key and what is allowed (``ConfigError``; the CLI
+exits 2 with it). The cluster file's schema is bench.clusterfile, what "strict" means
+bench.schema; both are re-exported here (``from bench.config import ClusterConfig`` works).
+
+Validation is strict where YAML would otherwise be guessed at: an integer is an integer (not
+``true``, not ``"64"``, not ``64.0``), a number is an int or a float (not a string, not a
+boolean, not NaN or infinity), a boolean is ``true``/``false`` (not ``"yes"``, not ``1``), a
+string is a string; a key given twice is refused by the loader.
 
 Must not import: torch, ray, pandas.
 """
@@ -11,50 +18,56 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-import math
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional
 
-import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, Strict, ValidationError, field_validator, model_validator
 
-from bench import workloads
+from bench import safeio, workloads
+from bench.clusterfile import ClusterConfig, HardwareConfig, check_ray_address
 from bench.errors import ConfigError
 from bench.names import check_name
+from bench.schema import Bool, Float, Int, IntOrAuto, Str, StrictModel, first_error, int_or_auto, kind
+
+__all__ = ["ClusterConfig", "HardwareConfig", "LRConfig", "LRSearchConfig", "OptimizerConfig", "SweepConfig", "TelemetryConfig",
+           "ConfigError", "check_ray_address", "default_cluster", "load_cluster", "load_sweep", "read_yaml",
+           "resolve_sweep_path"]
 
 PACKAGED_SWEEPS = Path(__file__).parent / "sweeps"
-MAX_YAML_BYTES = 1_000_000  # a sweep file is a few KB; refuse anything absurd before parsing
+MAX_YAML_BYTES = safeio.LIMITS["config"]  # a sweep file is a few KB; larger files are refused unread
+MAX_YAML_VALUES = 10_000  # a sweep file has a few hundred; a flat list of 300,000 is refused in milliseconds
+MAX_EPOCHS = 100_000
+MIN_LR_TRIALS, MAX_LR_TRIALS = 3, 32  # LRs per batch in an lr_search (the rule's counts for factors)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-
-class OptimizerConfig(_Strict):
+class OptimizerConfig(StrictModel):
     name: Literal["sgd", "adamw", "lars", "lamb"] = "sgd"
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
-    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0.0, le=1.0)
-    trust_coefficient: float = Field(0.001, gt=0.0, le=1.0)  # lars
-    exclude_bias_and_norm: bool = True  # no weight decay / trust ratio on biases and norm layers
+    momentum: Float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: Bool = False
+    weight_decay: Float = Field(0.0, ge=0.0, le=1.0)
+    betas: tuple[Annotated[float, Strict(), Field(ge=0.0, lt=1.0)],
+                 Annotated[float, Strict(), Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
+    eps: Float = Field(1e-8, gt=0.0, le=1.0)
+    trust_coefficient: Float = Field(0.001, gt=0.0, le=1.0)  # lars
+    exclude_bias_and_norm: Bool = True  # no weight decay / trust ratio on biases and norm layers
 
 
-class LRConfig(_Strict):
+class LRConfig(StrictModel):
     # The LR tuned at a reference batch; the rule scales it to each global batch. Called base_lr /
     # base_batch_size before (still accepted): MLPerf's opt_base_learning_rate is the *peak* LR.
-    reference_lr: float = Field(gt=0.0, le=1000.0, validation_alias=AliasChoices("reference_lr", "base_lr"),
+    reference_lr: Float = Field(gt=0.0, le=1000.0, validation_alias=AliasChoices("reference_lr", "base_lr"),
                                 description="LR at reference_batch_size")
-    reference_batch_size: int = Field(gt=0, le=10_000_000,
+    reference_batch_size: Int = Field(gt=0, le=10_000_000,
                                       validation_alias=AliasChoices("reference_batch_size", "base_batch_size"),
                                       description="global batch the reference_lr was tuned for")
     scaling: Literal["linear", "sqrt", "none"] = "linear"
-    warmup_epochs: float = Field(0.0, ge=0.0, le=10_000.0)
-    warmup_steps: Optional[int] = Field(None, ge=0, le=100_000_000, description="overrides warmup_epochs")
+    warmup_epochs: Float = Field(0.0, ge=0.0, le=10_000.0)
+    warmup_steps: Optional[Int] = Field(None, ge=0, le=100_000_000, description="overrides warmup_epochs")
     schedule: Literal["constant", "step", "cosine"] = "constant"
-    step_milestones_epochs: tuple[float, ...] = ()  # schedule: step
-    step_gamma: float = Field(0.1, gt=0.0, le=1.0)
+    step_milestones_epochs: tuple[Float, ...] = ()  # schedule: step
+    step_gamma: Float = Field(0.1, gt=0.0, le=1.0)
 
     @model_validator(mode="before")
     @classmethod
@@ -68,51 +81,83 @@ class LRConfig(_Strict):
     @field_validator("step_milestones_epochs")
     @classmethod
     def _ascending(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        if not all(0 < m < math.inf for m in v) or list(v) != sorted(v):
-            raise ValueError("milestones must be positive and ascending")
+        if not all(0 < m <= MAX_EPOCHS for m in v) or list(v) != sorted(v):
+            raise ValueError(f"milestones must be ascending epochs in (0, {MAX_EPOCHS}]")
         return v
 
 
-class TelemetryConfig(_Strict):
-    enabled: bool = True
-    hz: float = Field(10.0, gt=0.0, le=1000.0, description="samples per second per worker")
+class LRSearchConfig(StrictModel):
+    """A learning-rate search per global batch (bench.lrsearch; docs/lr-search.md): the trials are
+    ``factors`` x the rule's peak LR at each batch, or the absolute ``peak_lrs`` at every batch; the
+    rule's LR is always a trial too. Stage 1 runs every trial at ``search_seeds``; stage 2 runs every
+    seed at the chosen LR and at the rule's LR."""
+
+    factors: Optional[list[Float]] = Field(None, min_length=1, max_length=MAX_LR_TRIALS,
+                                           description="x the rule's peak LR, e.g. [0.25, 0.5, 1, 2, 4]")
+    peak_lrs: Optional[list[Float]] = Field(None, min_length=1, max_length=MAX_LR_TRIALS,
+                                            description="absolute peak LRs, the same at every batch")
+    search_seeds: Optional[list[Int]] = Field(None, min_length=1, max_length=100,
+                                              description="stage 1's seeds (default: the sweep's first)")
+
+    @model_validator(mode="after")
+    def _one_grid(self) -> "LRSearchConfig":
+        if (self.factors is None) == (self.peak_lrs is None):
+            raise ValueError("give one of factors (x the rule's LR) and peak_lrs (absolute LRs)")
+        key, values, low, high = (("factors", self.factors, 1e-4, 1e4) if self.factors is not None
+                                  else ("peak_lrs", self.peak_lrs, 1e-8, 1000.0))
+        if any(not low <= v <= high for v in values) or len(set(values)) != len(values):
+            raise ValueError(f"{key}: values must be distinct numbers in [{low:g}, {high:g}]")
+        count = len(set(values) | {1.0}) if key == "factors" else len(values)
+        if count < MIN_LR_TRIALS:
+            what = "LR(s) per batch counting the rule's (factor 1)" if key == "factors" else "LR(s)"
+            raise ValueError(f"{key}: {count} {what}; a search needs at least {MIN_LR_TRIALS} "
+                             f"(e.g. {key}: {[0.5, 1, 2] if key == 'factors' else [0.01, 0.03, 0.1]})")
+        return self
 
 
-class SweepConfig(_Strict):
-    name: str = Field(description="folder name under the results dir")
-    description: str = ""
-    workload: str
-    workload_options: dict[str, Any] = Field(default_factory=dict)
-    model: Optional[str] = None  # default: the workload's
+class TelemetryConfig(StrictModel):
+    enabled: Bool = True
+    hz: Float = Field(10.0, gt=0.0, le=1000.0, description="samples per second per worker")
+
+
+class SweepConfig(StrictModel):
+    name: Str = Field(description="folder name under the results dir")
+    description: Str = ""
+    workload: Str
+    workload_options: dict[Str, Any] = Field(default_factory=dict)
+    model: Optional[Str] = None  # default: the workload's
     optimizer: OptimizerConfig = OptimizerConfig()
     lr: LRConfig
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    epochs: int = Field(gt=0, le=100_000)
-    max_steps: Optional[int] = Field(None, gt=0, le=100_000_000, description="step budget; stops earlier")
-    global_batch_sizes: list[int] = Field(min_length=1, max_length=64)
-    num_workers: list[int] = Field([1], min_length=1, max_length=16)
-    seeds: list[int] = Field([0], min_length=1, max_length=100)
-    max_micro_batch_size: Optional[Union[int, Literal["auto"]]] = None
-    target_accuracy: float = Field(gt=0.0, le=1.0, description="test accuracy that counts as reached")
-    eval_every_epochs: int = Field(1, gt=0, le=100_000)
+    label_smoothing: Float = Field(0.0, ge=0.0, lt=1.0)
+    epochs: Int = Field(gt=0, le=MAX_EPOCHS)
+    max_steps: Optional[Int] = Field(None, gt=0, le=100_000_000, description="step budget; stops earlier")
+    global_batch_sizes: list[Int] = Field(min_length=1, max_length=64)
+    num_workers: list[Int] = Field([1], min_length=1, max_length=16)
+    seeds: list[Int] = Field([0], min_length=1, max_length=100)
+    # A micro-batch cap (gradient accumulation above it), or auto: the memory probe's choice per
+    # per-worker batch (bench.memprobe.resolve_micro_batch reads results/<sweep>/memory-probe.json).
+    max_micro_batch_size: IntOrAuto = None
+    target_accuracy: Float = Field(gt=0.0, le=1.0, description="test accuracy that counts as reached")
+    eval_every_epochs: Int = Field(1, gt=0, le=100_000)
     # Evaluate every N optimizer steps instead of at epoch ends (the resolution of steps-to-target
     # is the interval before the crossing). auto: at geometrically spaced steps, EVALS_PER_DOUBLING
     # per doubling of the step count (so every crossing after step 8 has >= 8 evaluations before it
     # and a resolution <= 16 %), plus every epoch end and the last step.
-    eval_every_steps: Optional[Union[int, Literal["auto"]]] = None
+    eval_every_steps: IntOrAuto = None
     # Training samples the train_* metrics are measured on: a fixed, evenly spaced subset, to bound
     # what frequent evaluation costs (None: the whole training set; streamed ImageNet has its own
     # workload_options.train_eval_samples).
-    train_eval_samples: Optional[int] = Field(None, gt=0, le=100_000_000)
+    train_eval_samples: Optional[Int] = Field(None, gt=0, le=100_000_000)
     # Sustained time-to-target: the target counts as held once it is reached at this many
     # consecutive evaluations (shown beside MLPerf's first crossing).
-    target_hold_evals: int = Field(3, ge=1, le=10_000)
+    target_hold_evals: Int = Field(3, ge=1, le=10_000)
     precision: Literal["fp32", "bf16"] = "fp32"
-    channels_last: bool = False
-    compile: bool = False
-    divergence_loss_factor: float = Field(10.0, gt=1.0, description="diverged if loss > factor x initial")
-    noise_scale_every_steps: int = Field(0, ge=0, le=1_000_000, description="0: off")
+    channels_last: Bool = False
+    compile: Bool = False
+    divergence_loss_factor: Float = Field(10.0, gt=1.0, description="diverged if loss > factor x initial")
+    noise_scale_every_steps: Int = Field(0, ge=0, le=1_000_000, description="0: off")
     telemetry: TelemetryConfig = TelemetryConfig()
+    lr_search: Optional[LRSearchConfig] = None  # a learning-rate search per batch (docs/lr-search.md)
 
     @field_validator("name")
     @classmethod
@@ -137,6 +182,11 @@ class SweepConfig(_Strict):
             raise ValueError("seeds must be unique integers in 0..2147483647")
         return v
 
+    @field_validator("eval_every_steps", "max_micro_batch_size", mode="before")
+    @classmethod
+    def _int_or_auto(cls, v: Any) -> Any:
+        return int_or_auto(v)
+
     @field_validator("eval_every_steps")
     @classmethod
     def _eval_steps(cls, v: Any) -> Any:
@@ -146,8 +196,19 @@ class SweepConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_eval_interval(self) -> "SweepConfig":
-        if self.eval_every_steps is not None and "eval_every_epochs" in self.model_fields_set:
+        # A stored config.yaml carries every key at its value, so only a non-default epoch interval
+        # beside eval_every_steps is a contradiction.
+        if self.eval_every_steps is not None and self.eval_every_epochs != 1:
             raise ValueError("eval_every_steps and eval_every_epochs: give one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _search_seeds(self) -> "SweepConfig":
+        chosen = self.lr_search.search_seeds if self.lr_search is not None else None
+        if chosen is not None:
+            if len(set(chosen)) != len(chosen) or not set(chosen) <= set(self.seeds):
+                raise ValueError(f"lr_search.search_seeds: must be distinct seeds of the sweep's seeds "
+                                 f"({', '.join(map(str, self.seeds))})")
         return self
 
     @field_validator("max_micro_batch_size")
@@ -163,9 +224,9 @@ class SweepConfig(_Strict):
             raise ValueError(f"workload: unknown {self.workload!r} (allowed: {', '.join(sorted(workloads.REGISTRY))})")
         info = workloads.get(self.workload)
         try:
-            info.options.model_validate(self.workload_options)
+            info.options.model_validate(self.workload_options, strict=True)
         except ValidationError as err:
-            raise ValueError("workload_options: " + _first_error(err)) from None
+            raise ValueError("workload_options: " + first_error(err)) from None
         if self.model is not None and self.model not in info.models:
             raise ValueError(f"model: {self.model!r} does not fit workload {self.workload!r} "
                              f"(allowed: {', '.join(info.models)})")
@@ -189,102 +250,22 @@ class SweepConfig(_Strict):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-class HardwareConfig(_Strict):
-    gpu_model: Optional[str] = None
-    gpus_per_node: int = Field(0, ge=0, le=1024)
-    nodes: int = Field(1, ge=1, le=100_000)
-    interconnect: Optional[str] = None
-    cpu_model: Optional[str] = None
-    price_per_gpu_hour: Optional[float] = Field(None, ge=0.0)
-
-
-class ClusterConfig(_Strict):
-    name: str
-    description: str = ""
-    address: Optional[str] = Field(None, description="Ray address (host:port or ray://host:10001); none: local Ray")
-    use_gpu: bool = False
-    backend: Literal["auto", "nccl", "gloo"] = Field(
-        "auto", description="collective backend; auto: nccl with GPUs, gloo without. Workers sharing "
-        "one GPU (resources_per_worker.GPU < 1) need gloo: two NCCL ranks on one GPU fail")
-    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
-    local_num_cpus: Optional[int] = Field(None, ge=1, le=4096, description="logical CPUs for a local Ray")
-    connect_timeout_s: float = Field(10.0, gt=0.0, le=600.0)
-    storage_path: Optional[str] = Field(None, description="shared storage for results on multi-node clusters")
-    max_failures: int = Field(0, ge=-1, le=1000, description="Ray Train worker-group restarts; -1 forever")
-    checkpoint_every_epochs: int = Field(0, ge=0, le=100_000, description="0: no checkpoints")
-    hardware: HardwareConfig = HardwareConfig()
-    launcher: Optional[str] = Field(None, description="cluster-launcher YAML or KubeRay manifest, relative to this file")
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, v: str) -> str:
-        return check_name(v, "cluster name")
-
-    @field_validator("resources_per_worker")
-    @classmethod
-    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
-        if not all(0 <= q <= 1_000_000 for q in v.values()):  # also refuses NaN
-            raise ValueError("resource amounts must be in 0..1000000")
-        return v
-
-    @model_validator(mode="after")
-    def _gpu(self) -> "ClusterConfig":
-        if self.use_gpu and self.resources_per_worker.get("GPU", 1) <= 0:
-            raise ValueError("use_gpu is true but resources_per_worker.GPU is 0")
-        if self.backend == "nccl" and not self.use_gpu:
-            raise ValueError("backend nccl needs use_gpu: true (NCCL runs on GPUs only)")
-        if self.backend != "gloo" and self.use_gpu and self.resources_per_worker.get("GPU", 1) < 1:
-            raise ValueError("workers sharing a GPU (resources_per_worker.GPU < 1) need backend: gloo; "
-                             "two NCCL ranks on one GPU fail")
-        return self
-
-
 # --- loading -------------------------------------------------------------------------------
 
-def _first_error(err: ValidationError) -> str:
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-    msg = e["msg"].removeprefix("Value error, ")
-    more = len(err.errors()) - 1
-    return f"{loc}: {msg}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
-
-
 def read_yaml(path: Path) -> dict[str, Any]:
-    """Safe-load a YAML mapping; every failure becomes a one-line ConfigError."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
+    """Safe-load a config file through bench.safeio (a regular file, at most MAX_YAML_BYTES, no
+    duplicate keys, at most MAX_YAML_VALUES values); every failure becomes one ConfigError line
+    naming ``path``. A symbolic link the user names is followed (it is their own file)."""
+    path = Path(path)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
     try:
-        size = path.stat().st_size
-        if size > MAX_YAML_BYTES:
-            raise ConfigError(f"{path}: file is {size} bytes; a config file must be under {MAX_YAML_BYTES}")
-        text = path.read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
-        # Alias bombs expand lazily into shared objects; serialising would blow up, so bound it.
-        _check_size(data, budget=[100_000])
-    except ConfigError:
-        raise
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', None) or err})") from None
-    except (UnicodeDecodeError, OSError, RecursionError) as err:
-        raise ConfigError(f"{path}: cannot read ({type(err).__name__})") from None
+        data = safeio.parse_yaml(safeio.read_text(target, "config"), path=path, max_nodes=MAX_YAML_VALUES,
+                                 name_keys=True)
+    except safeio.UnsafeFile as err:
+        raise ConfigError(f"{path}: {err.reason}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {kind(data)}")
     return data
-
-
-def _check_size(node: Any, budget: list[int], depth: int = 0) -> None:
-    budget[0] -= 1
-    if budget[0] < 0 or depth > 50:
-        raise ConfigError("config is too large or too deeply nested (YAML alias expansion?)")
-    if isinstance(node, dict):
-        for k, v in node.items():
-            _check_size(k, budget, depth + 1)
-            _check_size(v, budget, depth + 1)
-    elif isinstance(node, list):
-        for v in node:
-            _check_size(v, budget, depth + 1)
 
 
 def resolve_sweep_path(name_or_path: str) -> Path:
@@ -305,7 +286,7 @@ def load_sweep(name_or_path: str | Path) -> tuple[SweepConfig, Path]:
     try:
         return SweepConfig.model_validate(data), path
     except ValidationError as err:
-        raise ConfigError(f"{path}: {_first_error(err)}") from None
+        raise ConfigError(f"{path}: {first_error(err)}") from None
 
 
 def load_cluster(path: str | Path) -> tuple[ClusterConfig, Path]:
@@ -314,7 +295,7 @@ def load_cluster(path: str | Path) -> tuple[ClusterConfig, Path]:
     try:
         cluster = ClusterConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{path}: {_first_error(err)}") from None
+        raise ConfigError(f"{path}: {first_error(err)}") from None
     if cluster.launcher is not None and not (path.parent / cluster.launcher).is_file():
         raise ConfigError(f"{path}: launcher: file {cluster.launcher!r} does not exist next to the cluster file")
     return cluster, path

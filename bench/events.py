@@ -36,8 +36,8 @@ INTERVAL_START = "INTERVAL_START"
 INTERVAL_END = "INTERVAL_END"
 
 # --- run boundaries (MLPerf) ---
-INIT_START = "init_start"  # INTERVAL_START: set-up (data, model, optimizer) begins; before run_start
-INIT_STOP = "init_stop"  # INTERVAL_END: set-up done
+INIT_START = "init_start"  # INTERVAL_START; rank 0, before the worker's set-up (data, model, optimizer)
+INIT_STOP = "init_stop"  # INTERVAL_END; set-up done, logged just before run_start
 RUN_START = "run_start"  # INTERVAL_START
 RUN_STOP = "run_stop"  # INTERVAL_END; metadata.status: success | diverged | oom
 EPOCH_START = "epoch_start"
@@ -78,6 +78,19 @@ GRADIENT_NOISE_SCALE = "gradient_noise_scale"  # ours: B_simple; metadata: grad_
 TORCH_MEMORY = "torch_memory"  # ours: metadata epoch_num, max_allocated_gib, max_reserved_gib: the peak of
 #   that epoch's training (evaluation excluded), rank 0, CUDA only (bench.memory)
 
+
+
+def hyperparameters(plan: Any, opt_name: str, weight_decay: float, train_eval_samples: int) -> list[tuple[str, Any]]:
+    """The lines a run logs once at its start, from its ``bench.plan.RunPlan``, in this order."""
+    p = plan
+    return [(SEED, p.seed), (GLOBAL_BATCH_SIZE, p.global_batch_size), (NUM_WORKERS, p.num_workers),
+            (PER_WORKER_BATCH_SIZE, p.per_worker_batch_size), (MICRO_BATCH_SIZE, p.micro_batch_size),
+            (GRADIENT_ACCUMULATION_STEPS, p.grad_accum_steps), (OPT_NAME, opt_name),
+            (LR_SCALING_RULE, p.scaling), (REFERENCE_LEARNING_RATE, p.reference_lr),
+            (REFERENCE_BATCH_SIZE, p.reference_batch_size), (OPT_BASE_LEARNING_RATE, p.peak_lr),
+            (OPT_LEARNING_RATE_WARMUP_EPOCHS, p.warmup_epochs), (OPT_LEARNING_RATE_WARMUP_STEPS, p.warmup_steps),
+            (OPT_WEIGHT_DECAY, weight_decay), (TRAIN_SAMPLES, p.num_train), (EVAL_SAMPLES, p.num_test),
+            (TRAIN_EVAL_SAMPLES, train_eval_samples), (STEPS_PER_EPOCH, p.steps_per_epoch)]
 
 
 def make_event(key: str, value: Any = None, *, event_type: str = POINT_IN_TIME,

@@ -6,8 +6,9 @@ device (sharding, augmentation, memory format), and the batches an evaluation pa
 - ``MemoryFeed`` serves ``Data`` (digits, CIFAR, shapes, synthetic): both splits are moved to
   the device once; a step gathers its indices there and augments on the device.
 - ``StreamFeed`` serves ``StreamingData`` (ImageNet): DataLoader processes decode this rank's
-  share of each step into pinned uint8 batches; they cross PCIe as uint8 and are normalised
-  on the device.
+  share of each step into pinned uint8 batches, which cross PCIe as uint8 and are normalised
+  on the device; or they only read the files, and the batch is decoded and cropped on the
+  device (nvjpeg on CUDA).
 
 Both shard alike: step s of epoch e takes the s-th global batch of ``epoch_permutation(seed,
 e)``, and rank r takes its positions r, r + W, r + 2W, ... So the same samples reach the same
@@ -95,7 +96,8 @@ class MemoryFeed:
 
 
 class StreamFeed:
-    """Batches decoded by DataLoader processes (bench.workloads.vision.StreamingData)."""
+    """Batches read by DataLoader processes (bench.workloads.streaming.StreamingData): decoded
+    there, or decoded on the device by the data's batch decoder (crops seeded per rank)."""
 
     def __init__(self, data, plan: RunPlan, rank: int, world_size: int, device: torch.device,
                  channels_last: bool = False) -> None:
@@ -103,12 +105,14 @@ class StreamFeed:
         self.data, self.channels_last = data, channels_last and len(data.input_shape) == 3
         self.input_shape, self.num_classes = tuple(data.input_shape), data.num_classes
         self.train_eval_samples = len(data.train_eval)
+        self.crop_rng = torch.Generator().manual_seed(plan.seed * 1_000_003 + rank)  # crops decoded on the device
         self.loader = data.train_loader(global_batch_size=plan.global_batch_size,
                                         steps_per_epoch=plan.steps_per_epoch, rank=rank,
                                         num_replicas=world_size, seed=plan.seed)
 
-    def _to_device(self, images_u8: torch.Tensor, labels: torch.Tensor) -> Batch:
-        x = self.data.to_device(images_u8, self.device, channels_last=self.channels_last)
+    def _to_device(self, images, labels: torch.Tensor, train: bool) -> Batch:
+        x = self.data.to_device(images, self.device, channels_last=self.channels_last, train=train,
+                                rng=self.crop_rng)
         return x, labels.to(self.device, non_blocking=True)
 
     def steps(self, epoch: int, count: int) -> Iterator[tuple[Iterator[Batch], int]]:
@@ -116,7 +120,7 @@ class StreamFeed:
         batches = iter(self.loader)
         for s in range(count):
             images, labels = next(batches)
-            x, y = self._to_device(images, labels)
+            x, y = self._to_device(images, labels, train=True)
             accum = self.plan.grad_accum_steps
             yield zip(x.tensor_split(accum), y.tensor_split(accum)), global_count(self.plan, s)
 
@@ -124,7 +128,7 @@ class StreamFeed:
         loader = self.data.eval_loader(split, batch_size=STREAM_EVAL_BATCH, rank=self.rank,
                                        num_replicas=self.world_size)
         for images, labels in loader:
-            yield self._to_device(images, labels)
+            yield self._to_device(images, labels, train=False)
 
     def close(self) -> None:
         """Stop the training loader's persistent processes now rather than at garbage collection:

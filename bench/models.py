@@ -1,11 +1,17 @@
 """Model registry: name -> torch.nn.Module builder.
 
 Owns: the models a sweep can name. Input shape and class count come from the
-workload's data, so one builder serves every dataset of that form. The ResNets
-live in ``bench.resnet``; which models fit which workload is the workload
-registry's business (``WorkloadInfo.models``).
+workload's data, so one builder serves every dataset of that form. The ResNets are
+torchvision's (He et al. 2016; downsampling on the 3x3 conv of a Bottleneck, "v1.5",
+as in MLPerf), built untrained with ``zero_init_residual=True``: the last BatchNorm
+gamma of every residual block starts at 0, so each block starts as the identity
+(Goyal et al. 2017, section 5.1), which steadies large-batch training with warmup.
+``resnet18_cifar`` is the CIFAR form: a 3x3 stride-1 stem and no max-pool, for 32x32
+inputs. Which models fit which workload is the workload registry's business
+(``WorkloadInfo.models``).
 
-Must not import: ray, pandas, torchvision.
+Must not import: ray, pandas; torchvision only inside the ResNet builders (importing it
+costs ~2 s, which the small models, config validation and the CLI must not pay).
 """
 
 from __future__ import annotations
@@ -15,8 +21,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-
-from bench import resnet
 
 
 class MLP(nn.Module):
@@ -62,6 +66,41 @@ class SmallCNN(nn.Module):
 ModelBuilder = Callable[[tuple[int, ...], int], nn.Module]
 
 
+def _stem_conv(in_channels: int, kernel: int, stride: int) -> nn.Conv2d:
+    """A replacement first conv, initialised as torchvision initialises its convs."""
+    conv = nn.Conv2d(in_channels, 64, kernel, stride=stride, padding=kernel // 2, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return conv
+
+
+def _torchvision_resnet(arch: str, num_classes: int, in_channels: int = 3, cifar_stem: bool = False) -> nn.Module:
+    """torchvision's ``arch`` (untrained, zero-init residuals); ``cifar_stem``: conv1 3x3 stride 1
+    and no max-pool; another channel count than 3 gets a first conv of that many inputs."""
+    from torchvision import models
+
+    model = getattr(models, arch)(weights=None, num_classes=num_classes, zero_init_residual=True)
+    if cifar_stem:
+        model.conv1, model.maxpool = _stem_conv(in_channels, 3, 1), nn.Identity()
+    elif in_channels != 3:
+        model.conv1 = _stem_conv(in_channels, 7, 2)
+    return model
+
+
+def resnet18_cifar(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """ResNet-18 for 32x32 inputs: 3x3 stride-1 stem, no max-pool, BasicBlocks [2, 2, 2, 2]."""
+    return _torchvision_resnet("resnet18", num_classes, in_channels, cifar_stem=True)
+
+
+def resnet18(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """ResNet-18, ImageNet form (a lighter model for the imagenet workload)."""
+    return _torchvision_resnet("resnet18", num_classes, in_channels)
+
+
+def resnet50(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """ResNet-50 v1.5, ImageNet form: Bottleneck blocks [3, 4, 6, 3]."""
+    return _torchvision_resnet("resnet50", num_classes, in_channels)
+
+
 def _image_model(build: Callable[..., nn.Module]) -> ModelBuilder:
     """A builder for (C, H, W) inputs that says so instead of failing deep inside a conv."""
     def builder(shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -74,9 +113,9 @@ def _image_model(build: Callable[..., nn.Module]) -> ModelBuilder:
 MODELS: dict[str, ModelBuilder] = {
     "mlp": lambda shape, classes: MLP(math.prod(shape), classes),
     "small_cnn": lambda shape, classes: SmallCNN(shape[0], classes, image_size=shape[-1]),
-    "resnet18_cifar": _image_model(resnet.resnet18_cifar),  # 32x32 inputs (CIFAR, shapes)
-    "resnet18": _image_model(resnet.resnet18),  # 224x224 inputs
-    "resnet50": _image_model(resnet.resnet50),  # 224x224 inputs
+    "resnet18_cifar": _image_model(resnet18_cifar),  # 32x32 inputs (CIFAR, shapes)
+    "resnet18": _image_model(resnet18),  # 224x224 inputs
+    "resnet50": _image_model(resnet50),  # 224x224 inputs
 }
 
 

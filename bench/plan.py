@@ -2,9 +2,11 @@
 
 Owns: batch arithmetic (per-worker batch, micro-batch, gradient accumulation,
 steps per epoch), the learning-rate scaling rules and the per-step schedule
-(warmup, then constant / step / cosine). Everything derived is computed here,
-never configured, and every impossible combination raises ``PlanError`` with
-the numbers in the message.
+(warmup, then constant / step / cosine), and the one resolver of
+``max_micro_batch_size`` (``bench.memprobe.resolve_micro_batch``: ``auto`` reads the memory
+probe through bench.memprobe; everything else here is pure). Everything derived is
+computed here, never configured, and every impossible combination raises
+``PlanError`` with the numbers in the message.
 
 Must not import: torch, ray, pandas.
 
@@ -163,6 +165,11 @@ class RunPlan:
     eval_every_epochs: int = 1
     eval_every_steps: int | None = None
     eval_auto: bool = False
+    # LR search (bench.lrsearch): peak_lr / the rule's peak LR at this batch (1.0: the rule's LR
+    # itself), and the stage that planned the run (0: a plain sweep; 1: a search trial; 2: a seed
+    # run after the choice). Defaults = every run planned before the LR search existed.
+    lr_factor: float = 1.0
+    stage: int = 0
 
     def eval_due(self, step: int) -> bool:
         """Whether this run evaluates after `step` optimizer steps."""
@@ -204,11 +211,17 @@ def plan_sweep(sweep, *, max_micro_batch_size: int | Mapping[int, int] | None = 
     """All runs of a validated SweepConfig, ordered by worker count, then batch, then seed.
 
     `max_micro_batch_size` overrides the sweep's: one cap for every run, or (the memory
-    probe's answer for 'auto') a micro-batch per per-worker batch size; a per-worker batch
-    missing from the mapping runs without accumulation.
+    probe's answer for 'auto', from ``resolve_micro_batch``) a micro-batch per per-worker batch
+    size; a per-worker batch missing from the mapping runs without accumulation. A sweep with
+    ``max_micro_batch_size: auto`` must be given that answer: planning it without one raises
+    PlanError rather than silently running without a cap.
     """
     num_train, num_test = sweep.dataset_sizes()
     micro_cap = max_micro_batch_size
+    if micro_cap is None and sweep.max_micro_batch_size == "auto":
+        raise PlanError("max_micro_batch_size: auto needs the memory probe's micro-batches "
+                        "(bench.memprobe.resolve_micro_batch); planned without them the sweep would run "
+                        "without a cap")
     if micro_cap is None and isinstance(sweep.max_micro_batch_size, int):
         micro_cap = sweep.max_micro_batch_size
     lr = sweep.lr

@@ -1,62 +1,65 @@
 """Capacity planner: measured runs -> time, GPU-hours and cost to reach a target accuracy for each
 (global batch, number of GPUs), measured or extrapolated, and what to rent.
 
-Owns: the throughput model below, the extrapolation of steps-to-target (through
-``bench.analysis.fit_steps_curve``), the choice of the cheapest configuration meeting a deadline,
-the fastest one and where more GPUs stop helping; the ``plan`` CLI command (``register``) and
-``plan_figure``. Input is ``bench.analysis.runs_frame`` output; nothing here reads files.
-
-Must not import: torch, ray. pandas/numpy/matplotlib are imported inside functions (the CLI
-imports this module to build its parser).
+Owns: the throughput model below, the extrapolation of steps-to-target (through the one fit,
+``bench.fit.fit_sweep``), the choice of the cheapest configuration meeting a deadline, the
+fastest one and where more GPUs stop helping (each compared with its runner-up, with the seed
+spread: bench.spread), and ``plan_figure``. The ``plan`` command lives in bench.planner_cli
+(``register`` here hands over to it). Input is ``bench.analysis.runs_frame`` output; nothing
+here reads files. Must not import: torch, ray. pandas/numpy/matplotlib are imported inside
+functions (the CLI imports this module to build its parser).
 
 Model (every row that uses an assumption says so in its ``note``; all are in ``assumptions``):
 - GPUs = Ray Train workers (one accelerator per worker); W0 = the smallest measured worker count.
+- **one time basis** for measured and extrapolated rows: training time to the first crossing of
+  the target (``time_to_target_s``: evaluation excluded, the first epoch's start-up included).
+  The throughput the model scales is the *to-target throughput* of the measured (B, W):
+  mean samples-to-target / mean time-to-target over its runs that reached the target, so the
+  model evaluated at a measured point gives back exactly the measured time.
 - steps(B): mean measured steps-to-target at B where a run reached the target, else the fit
-  S_min (1 + B_crit / B) over all measured batches (Shallue et al. 2018, McCandlish et al. 2018);
-  but from the smallest global batch at which no measured run reached the target (diverged,
-  say) upwards, nothing: steps depend on the global batch alone, not on the GPU count, and the
-  fit cannot see past a failure (shapes-gpu on an H200 diverged at 4096 while the fit, from
-  128..2048, promised 117 steps there).
-- r(b): samples/s per GPU with W0 workers at per-GPU batch b, interpolated linearly in log2(b)
-  between measured per-GPU batches. Below the smallest measured b the step time is held (latency
-  bound: r = r(b_min) b / b_min); above the largest, samples/s per GPU is held.
-- eff(W): weak-scaling efficiency, measured per-GPU samples/s at (B, W) / r(B / W), averaged per
-  W; eff(W0) = 1; interpolated in log2(W); beyond the largest measured W the last measured value
-  is assumed (it usually falls further across nodes: an optimistic bound).
-- samples/s(B, W) = W r(B / W) eff(W); time-to-target = steps(B) B / samples/s (training time,
-  evaluation excluded, as analysis' time_to_target_s).
-- Measured (B, W) rows are the runs_frame means over seeds (NaN skipped), exactly what analysis
-  reports; memory headroom = GPU memory - peak memory (max over seeds; extrapolated linearly in b).
+  S_min (1 + B_crit / B) of ``bench.fit.fit_sweep`` (the report's B_crit, same excluded points);
+  from the smallest global batch at which no measured run reached the target (diverged, say)
+  upwards, nothing: steps depend on the global batch alone, and the fit cannot see past a failure.
+- r(b): to-target samples/s per GPU with W0 workers at per-GPU batch b, interpolated linearly in
+  log2(b). Below the smallest measured b the step time is held (latency bound); above the
+  largest, samples/s per GPU is held.
+- eff(W): measured per-GPU to-target throughput at (B, W) / r(B / W), averaged per W; eff(W0) = 1;
+  interpolated in log2(W) between measured counts; below W0 eff = 1 (fewer GPUs communicate
+  less: the time is an upper bound). **Above the largest measured W nothing is known** until a
+  communication model is given (``comm_model``, the seam for bench.comm): those rows have no time.
+- memory headroom = GPU memory - peak memory (max over seeds; extrapolated linearly in b).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
-import sys
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from bench.errors import UserError
+from bench.spread import Sample, compare
 
 MIN_SPEEDUP_PER_DOUBLING = 1.1  # below this, doubling the GPUs "stops helping" (as analysis' maximal regime)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)")
 
+# The seam for a communication model (bench.comm): efficiency(num_gpus, per_gpu_batch_size) ->
+# per-GPU throughput at num_gpus relative to W0's at the same per-GPU batch, or None if unknown.
+CommModel = Callable[[int, float], Optional[float]]
+
 
 def parse_duration_s(text: str) -> float:
-    """'2h', '90m', '3600s', '1h30m' or a bare number of seconds -> seconds."""
+    """'2h', '90m', '3600s', '1h30m' or a bare number of seconds -> seconds (> 0, finite)."""
     s = str(text).strip().lower()
     try:
-        return float(s)
+        value = float(s)
     except ValueError:
-        pass
-    parts = _DURATION.findall(s)
-    if not parts or _DURATION.sub("", s).strip():
-        raise ValueError(f"duration {text!r}: use e.g. 2h, 90m, 3600s or 1h30m")
-    return sum(float(n) * {"h": 3600.0, "m": 60.0, "s": 1.0}[u] for n, u in parts)
+        parts = _DURATION.findall(s)
+        if not parts or _DURATION.sub("", s).strip():
+            raise ValueError(f"duration {text!r}: use e.g. 2h, 90m, 3600s or 1h30m") from None
+        value = sum(float(n) * {"h": 3600.0, "m": 60.0, "s": 1.0}[u] for n, u in parts)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"duration {text!r}: must be a positive, finite time, e.g. 2h, 90m, 3600s or 1h30m")
+    return value
 
 
 @dataclass
@@ -87,18 +90,22 @@ def _interp_log2(x: float, xs, ys) -> float:
 
 
 class _Throughput:
-    """r(b) and eff(W) from the measured runs (see the module docstring)."""
+    """r(b) and eff(W) on the to-target basis (see the module docstring)."""
 
-    def __init__(self, measured) -> None:
-        self.w0 = int(measured["num_workers"].min())
-        base = measured[measured["num_workers"] == self.w0].dropna(subset=["samples_per_s"])
-        per_gpu = (base["samples_per_s"] / self.w0).groupby(base["per_gpu_batch_size"]).mean().sort_index()
+    def __init__(self, measured, comm_model: CommModel | None = None) -> None:
+        self.comm_model = comm_model
+        rated = measured.dropna(subset=["to_target_samples_per_s"])
+        self.known = not rated.empty  # False: no run reached the target, nothing to scale
+        rated = rated if self.known else measured.iloc[:1].assign(to_target_samples_per_s=math.nan)
+        self.w0 = int(rated["num_workers"].min())
+        base = rated[rated["num_workers"] == self.w0]
+        per_gpu = (base["to_target_samples_per_s"] / self.w0).groupby(base["per_gpu_batch_size"]).mean().sort_index()
         self.b, self.r = per_gpu.index.to_numpy(float), per_gpu.to_numpy(float)
         effs: dict[int, list[float]] = {}
-        for row in measured.dropna(subset=["samples_per_s"]).itertuples():
+        for row in rated.itertuples():
             if row.num_workers != self.w0:
                 effs.setdefault(int(row.num_workers), []).append(
-                    row.samples_per_s / row.num_workers / self.rate(row.per_gpu_batch_size))
+                    row.to_target_samples_per_s / row.num_workers / self.rate(row.per_gpu_batch_size))
         self.w = [self.w0, *sorted(effs)]
         self.eff = [1.0, *(sum(effs[w]) / len(effs[w]) for w in sorted(effs))]
 
@@ -107,11 +114,14 @@ class _Throughput:
             return self.r[0] * b / self.b[0]
         return self.r[-1] if b > self.b[-1] else _interp_log2(b, self.b, self.r)
 
-    def efficiency(self, w: int) -> float:
-        return self.eff[0] if w < self.w[0] else _interp_log2(w, self.w, self.eff)
+    def efficiency(self, w: int, b: float) -> float:
+        if w > self.w[-1]:
+            known = self.comm_model(w, b) if self.comm_model is not None else None
+            return math.nan if known is None else float(known)
+        return 1.0 if w < self.w[0] else _interp_log2(w, self.w, self.eff)
 
     def samples_per_s(self, batch: int, w: int) -> float:
-        return w * self.rate(batch / w) * self.efficiency(w)
+        return w * self.rate(batch / w) * self.efficiency(w, batch / w)
 
     def notes(self, batch: int, w: int) -> list[str]:
         b, out = batch / w, []
@@ -122,20 +132,28 @@ class _Throughput:
             out.append(f"per-GPU batch {b:g} above measured {span}: samples/s per GPU held")
         if w > self.w[-1]:
             out.append(f"{w} GPUs beyond measured {_span(self.w[0], self.w[-1])}: "
-                       f"efficiency {self.eff[-1]:.3g} assumed")
+                       + ("efficiency from the communication model" if self.comm_model is not None
+                          else "nothing known (no communication model)"))
         elif w < self.w[0]:
-            out.append(f"{w} GPUs below measured {self.w[0]}: efficiency 1 assumed")
+            out.append(f"{w} GPUs below measured {self.w[0]}: efficiency 1 assumed (an upper bound on the time)")
         return out
 
 
 def _measured(runs_df):
-    """One row per measured (B, W): runs_frame means over seeds (NaN skipped), peak memory max."""
+    """One row per measured (B, W): means over the runs that reached the target, the to-target
+    throughput on the same basis, the per-run times (for comparisons), peak memory max."""
     df = runs_df.copy()
-    df["peak_memory_gib"] = df["peak_memory_gib"] if "peak_memory_gib" in df else math.nan
+    for col in ("peak_memory_gib", "samples_to_target"):
+        df[col] = df[col] if col in df else math.nan
+    df["samples_to_target"] = df["samples_to_target"].fillna(df["steps_to_target"] * df["global_batch_size"])
     g = df.groupby(["global_batch_size", "num_workers"], sort=True)
     out = g.agg(steps_to_target=("steps_to_target", "mean"), time_to_target_s=("time_to_target_s", "mean"),
-                samples_per_s=("samples_per_s", "mean"), peak_memory_gib=("peak_memory_gib", "max"),
+                samples_to_target=("samples_to_target", "mean"), peak_memory_gib=("peak_memory_gib", "max"),
                 n_runs=("run_id", "size"), n_reached=("time_to_target_s", "count")).reset_index()
+    out["time_runs_s"] = [tuple(x.dropna()) for _, x in g["time_to_target_s"]]
+    res = "time_to_target_resolution_s"
+    out["time_resolution_s"] = g[res].mean().to_numpy() if res in df else math.nan
+    out["to_target_samples_per_s"] = out["samples_to_target"] / out["time_to_target_s"]
     out["per_gpu_batch_size"] = out["global_batch_size"] / out["num_workers"]
     return out
 
@@ -151,13 +169,14 @@ def _memory_model(measured):
     return lambda b: a + c * b
 
 
-def _grid(measured, max_gpus: int | None, batch_sizes: Sequence[int] | None, fit_ok: bool):
+def _grid(measured, max_gpus: int | None, batch_sizes: Sequence[int] | None, fit_ok: bool, comm: bool):
     batches = sorted(set(int(b) for b in measured["global_batch_size"]))
     if batch_sizes:
         batches = sorted(set(batches) | {int(b) for b in batch_sizes})
     elif fit_ok:
         batches += [2 * batches[-1], 4 * batches[-1]]
-    top = max_gpus or 8 * int(measured["num_workers"].max())
+    largest = int(measured["num_workers"].max())
+    top = max_gpus or (8 * largest if comm else largest)  # beyond the measured: only asked for, or modelled
     gpus = sorted({2 ** k for k in range(int(math.log2(top)) + 1)}
                   | {int(w) for w in measured["num_workers"] if w <= top})
     return [(b, w) for b in batches for w in gpus if b % w == 0]
@@ -169,8 +188,9 @@ def _row(b: int, w: int, measured_at: dict, steps_at: dict, fit: dict, tp: _Thro
     if m is not None:
         note = f"{m['n_reached']} of {m['n_runs']} runs reached the target" if m["n_reached"] < m["n_runs"] else ""
         return {"global_batch_size": b, "num_gpus": w, "steps_to_target": m["steps_to_target"],
-                "samples_per_s": m["samples_per_s"], "time_to_target_s": m["time_to_target_s"],
-                "peak_memory_gib": m["peak_memory_gib"], "source": "measured", "note": note}
+                "to_target_samples_per_s": m["to_target_samples_per_s"], "time_to_target_s": m["time_to_target_s"],
+                "peak_memory_gib": m["peak_memory_gib"], "source": "measured", "note": note,
+                "time_runs_s": m["time_runs_s"], "time_resolution_s": m["time_resolution_s"]}
     notes = tp.notes(b, w)
     steps = steps_at.get(b)
     if steps is None and b_fail is not None and b >= b_fail:
@@ -185,31 +205,33 @@ def _row(b: int, w: int, measured_at: dict, steps_at: dict, fit: dict, tp: _Thro
             notes.insert(0, "steps from the fit S_min(1 + B_crit/B)")
         note = f"extrapolated from {ranges}" + "".join(f"; {n}" for n in notes)
     sps = tp.samples_per_s(b, w)
-    return {"global_batch_size": b, "num_gpus": w, "steps_to_target": steps, "samples_per_s": sps,
+    return {"global_batch_size": b, "num_gpus": w, "steps_to_target": steps, "to_target_samples_per_s": sps,
             "time_to_target_s": steps * b / sps, "peak_memory_gib": mem(b / w) if mem else math.nan,
-            "source": "extrapolated", "note": note}
+            "source": "extrapolated", "note": note, "time_runs_s": (), "time_resolution_s": math.nan}
 
 
 def plan_capacity(runs_df, *, target_accuracy: float, deadline_s: float | None = None,
                   gpu_hour_price: float | None = None, max_gpus: int | None = None,
                   gpus_per_node: int | None = None, gpu_memory_gib: float | None = None,
-                  batch_sizes: Sequence[int] | None = None) -> PlanResult:
+                  batch_sizes: Sequence[int] | None = None, comm_model: CommModel | None = None,
+                  comm_notes: Sequence[str] = ()) -> PlanResult:
     """Answer the capacity questions for `target_accuracy` from runs_frame(records, target_accuracy=...)."""
     import pandas as pd
 
-    from bench.analysis import fit_steps_curve
+    from bench.analysis import trusted
+    from bench.fit import fit_sweep
 
+    runs_df = trusted(runs_df)
     known = set(runs_df["target_accuracy"].dropna()) if "target_accuracy" in runs_df else set()
     if known and known != {target_accuracy}:
         raise ValueError(f"runs_df was computed for target accuracy {sorted(known)}; "
                          f"build it with runs_frame(records, target_accuracy={target_accuracy})")
     measured = _measured(runs_df)
-    if measured.empty or measured["samples_per_s"].isna().all():
-        raise ValueError("no run with a measured throughput: nothing to plan from")
-    reached = runs_df.dropna(subset=["steps_to_target"])
-    fit = fit_steps_curve(reached["global_batch_size"], reached["steps_to_target"])
+    if measured.empty:
+        raise ValueError("no runs: nothing to plan from")
+    fit = fit_sweep(runs_df.assign(status=runs_df.get("status", "success")))
     fit_ok = math.isfinite(fit["S_min"]) and math.isfinite(fit["B_crit"])
-    tp, mem = _Throughput(measured), _memory_model(measured)
+    tp, mem = _Throughput(measured, comm_model), _memory_model(measured)
     reached_at = measured.dropna(subset=["steps_to_target"])
     steps_at = reached_at.groupby("global_batch_size")["steps_to_target"].mean().to_dict()
     measured_at = {(int(r["global_batch_size"]), int(r["num_workers"])): r for r in measured.to_dict("records")}
@@ -219,9 +241,9 @@ def plan_capacity(runs_df, *, target_accuracy: float, deadline_s: float | None =
     per_batch = measured.groupby("global_batch_size")["n_reached"].sum()
     never = sorted(int(b) for b, n in per_batch.items() if n == 0)
     b_fail = never[0] if never else None  # the smallest global batch at which no run reached it
+    grid = _grid(measured, max_gpus, batch_sizes, fit_ok and b_fail is None, comm_model is not None)
     rows = [_row(b, w, measured_at, steps_at, fit, tp, mem, ranges, b_fail)
-            for b, w in _grid(measured, max_gpus, batch_sizes, fit_ok and b_fail is None)
-            if (b, w) in measured_at or b in steps_at or fit_ok]
+            for b, w in grid if (b, w) in measured_at or b in steps_at or fit_ok]
     table = pd.DataFrame(rows)
     table.insert(2, "per_gpu_batch_size", table["global_batch_size"] / table["num_gpus"])
     table.insert(3, "num_nodes", [math.ceil(w / gpus_per_node) if gpus_per_node else math.nan
@@ -235,21 +257,37 @@ def plan_capacity(runs_df, *, target_accuracy: float, deadline_s: float | None =
     table = table.sort_values(["global_batch_size", "num_gpus"], ignore_index=True)
     result = PlanResult(table=table, target_accuracy=target_accuracy, fit=fit, measured_batches=mb, measured_gpus=mg,
                         deadline_s=deadline_s, gpu_hour_price=gpu_hour_price, gpu_memory_gib=gpu_memory_gib,
-                        assumptions=_assumptions(tp, fit, fit_ok, mem, gpu_memory_gib))
+                        assumptions=_assumptions(tp, fit, fit_ok, mem, gpu_memory_gib) + list(comm_notes))
     _choose(result)
     return result
 
 
 def _assumptions(tp: _Throughput, fit: dict, fit_ok: bool, mem, gpu_memory_gib) -> list[str]:
-    out = ["one GPU per Ray Train worker; time-to-target is training time (evaluation excluded)",
-           f"efficiency beyond {tp.w[-1]} GPUs: the last measured value {tp.eff[-1]:.3g} is assumed "
-           "(usually lower across nodes: extrapolated times are optimistic there)" if len(tp.w) > 1 else
-           f"only {tp.w0} GPU(s) measured: perfect scaling (efficiency 1) assumed for every other GPU count, "
-           "an optimistic bound: measure at least two worker counts",
+    from bench.fit import caveats
+
+    if not tp.known:
+        return ["no run reached the target: there is no to-target throughput to scale and nothing to plan"]
+    out = ["one GPU per Ray Train worker; every time (measured or extrapolated) is training time to the first "
+           "crossing of the target, evaluation excluded and the first epoch included; extrapolation scales the "
+           "measured runs' to-target throughput (samples to target / time to target)",
+           f"GPU counts above the measured {_span(tp.w[0], tp.w[-1])}: " + (
+               "efficiency = modelled 1-worker step / modelled step at that count (bench.stepmodel); nothing "
+               "known where the model has no link" if tp.comm_model is not None else
+               "nothing known (no communication model): no time is given there"),
            f"per-GPU batch outside measured {tp.b[0]:g}-{tp.b[-1]:g}: step time held below, "
            "samples/s per GPU held above"]
-    out.append(f"steps(B) = {fit['S_min']:.4g} (1 + {fit['B_crit']:.4g} / B) fitted over {fit['n_batches']} batches"
-               if fit_ok else f"no steps(B) fit ({fit.get('reason')}): only measured batches are planned")
+    if fit_ok:
+        lo, hi = fit.get("B_crit_lo", math.nan), fit.get("B_crit_hi", math.nan)
+        interval = (f", 95 % bootstrap interval of B_crit {lo:.4g} to {hi:.4g}" if math.isfinite(lo) and math.isfinite(hi)
+                    and lo != hi
+                    else f" (no interval: {fit.get('interval_reason') or 'unknown'})")
+        out.append(f"steps(B) = {fit['S_min']:.4g} (1 + {fit['B_crit']:.4g} / B) fitted over {fit['n_batches']} "
+                   f"batches (bench.fit: per-batch means, log least squares){interval}"
+                   + "".join(f"; {c}" for c in caveats(fit)))
+    else:
+        out.append(f"no steps(B) fit ({fit.get('reason')}): only measured batches are planned")
+    if fit.get("excluded"):
+        out.append(f"left out of the fit (coarsely resolved crossings): {'; '.join(fit['excluded'])}")
     if gpu_memory_gib is None:
         out.append("GPU memory capacity unknown: no memory headroom")
     elif mem is None:
@@ -263,16 +301,35 @@ def _choose(result: PlanResult) -> None:
     if ok.empty:
         result.recommendation = "no configuration reaches the target in the measured or extrapolated data"
         return
-    result.fastest = ok.sort_values(["time_to_target_s", "num_gpus"]).iloc[0].to_dict()
-    best = ok.groupby("num_gpus")["time_to_target_s"].min()
-    for (w0, t0), (w1, t1) in zip(best.items(), list(best.items())[1:]):
-        if (t0 / t1) ** (1 / math.log2(w1 / w0)) < MIN_SPEEDUP_PER_DOUBLING:
+    ranked = ok.sort_values(["time_to_target_s", "num_gpus"])
+    result.fastest = ranked.iloc[0].to_dict()
+    lines = [("fastest", result.fastest, ranked.iloc[1].to_dict() if len(ranked) > 1 else None)]
+    best = ok.loc[ok.groupby("num_gpus")["time_to_target_s"].idxmin()]
+    for (_, r0), (_, r1) in zip(best.iterrows(), list(best.iterrows())[1:]):
+        w0, w1 = r0["num_gpus"], r1["num_gpus"]
+        if (r0["time_to_target_s"] / r1["time_to_target_s"]) ** (1 / math.log2(w1 / w0)) < MIN_SPEEDUP_PER_DOUBLING:
             result.gpus_stop_helping = int(w0)
+            lines.append(("stop", r0.to_dict(), r1.to_dict()))
             break
-    meeting = ok[ok["meets_deadline"]]
+    meeting = ok[ok["meets_deadline"]].sort_values(["gpu_hours", "time_to_target_s"])
     if not meeting.empty:
-        result.cheapest = meeting.sort_values(["gpu_hours", "time_to_target_s"]).iloc[0].to_dict()
-    result.recommendation = _recommendation(result)
+        result.cheapest = meeting.iloc[0].to_dict()
+        lines.insert(0, ("cheapest", result.cheapest, meeting.iloc[1].to_dict() if len(meeting) > 1 else None))
+    result.recommendation = _recommendation(result, lines)
+
+
+def versus(a: dict, b: dict | None, col: str = "time_to_target_s") -> str:
+    """Whether row a's time (or GPU-hours, col="gpu_hours") differs from row b's beyond the seed spread."""
+    if b is None:
+        return "no other configuration to compare with"
+    if a["source"] != "measured" or b["source"] != "measured":
+        return "an extrapolated row has no seed spread, so the difference from the next option is not established"
+    scale = {"gpu_hours": lambda row: row["num_gpus"] / 3600.0}.get(col, lambda row: 1.0)
+    unit = "GPU-h" if col == "gpu_hours" else "s"
+    widths = [row["time_resolution_s"] * scale(row) for row in (a, b)]
+    resolution = max((w for w in widths if math.isfinite(w)), default=math.nan)
+    return compare(Sample.of(t * scale(a) for t in a["time_runs_s"]), Sample.of(t * scale(b) for t in b["time_runs_s"]),
+                   unit=unit, resolution=resolution).phrase
 
 
 def _describe(row: dict, price: float | None) -> str:
@@ -290,102 +347,59 @@ def _label(row: dict) -> str:
     return "measured" + (f"; {row['note']}" if row["note"] else "")
 
 
-def _recommendation(r: PlanResult) -> str:
+def _recommendation(r: PlanResult, lines: list[tuple[str, dict, dict | None]]) -> str:
     goal = f"within {r.deadline_s:g} s" if r.deadline_s else "(no deadline)"
-    lines = [f"cheapest {goal}: {_describe(r.cheapest, r.gpu_hour_price)}" if r.cheapest
-             else f"nothing reaches {r.target_accuracy:g} {goal}; the fastest option is below",
-             f"fastest: {_describe(r.fastest, r.gpu_hour_price)}"]
-    if r.gpus_stop_helping:
-        lines.append(f"more GPUs stop helping beyond {r.gpus_stop_helping}: doubling them speeds the best "
-                     f"configuration up by less than {MIN_SPEEDUP_PER_DOUBLING:g}x")
-    return "\n".join(lines)
+    out = [] if r.cheapest else [f"nothing reaches {r.target_accuracy:g} {goal}; the fastest option is below"]
+    for kind, row, other in lines:
+        if kind == "cheapest":
+            out.append(f"cheapest {goal}: {_describe(row, r.gpu_hour_price)}; against the next cheapest "
+                       f"({other['global_batch_size'] if other else '-'} on {other['num_gpus'] if other else '-'} "
+                       f"GPU(s)): {versus(row, other, 'gpu_hours')}")
+        elif kind == "fastest":
+            out.append(f"fastest: {_describe(row, r.gpu_hour_price)}; against the next fastest "
+                       f"({other['global_batch_size'] if other else '-'} on {other['num_gpus'] if other else '-'} "
+                       f"GPU(s)): {versus(row, other)}")
+        else:
+            out.append(f"more GPUs stop helping beyond {r.gpus_stop_helping}: doubling them speeds the best "
+                       f"configuration up by less than {MIN_SPEEDUP_PER_DOUBLING:g}x ({versus(row, other)})")
+    return "\n".join(out)
 
 
 def plan_figure(result: PlanResult):
     """Time-to-target vs GPUs, one line per global batch; filled markers measured, hollow
-    extrapolated; the deadline dashed. A matplotlib Figure (no pyplot state)."""
+    extrapolated; the deadline dashed. With times known at one GPU count only, time against the
+    global batch instead (one line). A matplotlib Figure (no pyplot state); tick labels are plain
+    numbers, and the data keep a margin from the frame."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import NullLocator
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
-    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    fig = Figure(figsize=(8.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
     t = result.table.dropna(subset=["time_to_target_s"])
-    for b, g in t.groupby("global_batch_size"):
-        (line,) = ax.plot(g["num_gpus"], g["time_to_target_s"], "-", lw=1, label=f"batch {b}")
+    by_batch = t["num_gpus"].nunique() == 1
+    x, series = ("global_batch_size", "num_gpus") if by_batch else ("num_gpus", "global_batch_size")
+    for key, g in t.groupby(series):
+        (line,) = ax.plot(g[x], g["time_to_target_s"], "-", lw=1,
+                          label=f"{key} GPU(s)" if by_batch else f"batch {key}")
         for source, fill in (("measured", line.get_color()), ("extrapolated", "none")):
             s = g[g["source"] == source]
-            ax.plot(s["num_gpus"], s["time_to_target_s"], "o", color=line.get_color(), mfc=fill, ls="none")
+            ax.plot(s[x], s["time_to_target_s"], "o", color=line.get_color(), mfc=fill, ls="none")
     if result.deadline_s:
         ax.axhline(result.deadline_s, color="k", ls="--", lw=1, label="deadline")
     if result.cheapest:
-        ax.plot(result.cheapest["num_gpus"], result.cheapest["time_to_target_s"], "*", ms=14, color="k",
+        ax.plot(result.cheapest[x], result.cheapest["time_to_target_s"], "*", ms=14, color="k",
                 label="cheapest meeting the deadline" if result.deadline_s else "cheapest")
-    ax.set(xscale="log", yscale="log", xlabel="GPUs", ylabel=f"time to {result.target_accuracy:g} accuracy (s)",
-           title="Capacity plan (filled: measured, hollow: extrapolated)")
-    gpus = sorted(t["num_gpus"].unique())
+    ax.set(xscale="log", yscale="log", xlabel="global batch size" if by_batch else "GPUs",
+           ylabel=f"time to {result.target_accuracy:g} accuracy (s)",
+           title="Capacity plan (filled: measured, hollow: extrapolated)"
+           + (f"; times known on {int(t['num_gpus'].iloc[0])} GPU(s) only" if by_batch else ""))
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.08, y=0.12)
+    ticks = sorted(t[x].unique())
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticks(gpus, labels=[str(int(w)) for w in gpus])
+    ax.set_xticks(ticks, labels=[str(int(v)) for v in ticks])
     if ax.get_legend_handles_labels()[0]:  # nothing reached the target: no line to name
-        ax.legend(fontsize="small", ncols=2)
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize="small")  # hides no data
     return fig
-
-
-# --- CLI ------------------------------------------------------------------------------------
-
-PRINT_COLUMNS = ["global_batch_size", "num_gpus", "num_nodes", "per_gpu_batch_size", "steps_to_target",
-                 "time_to_target_s", "gpu_hours", "cost", "memory_headroom_gib", "meets_deadline", "source", "note"]
-
-
-def _cluster_defaults(records) -> tuple[float | None, int | None, float | None]:
-    """(price per GPU-hour, GPUs per node, GPU memory GiB) when every run's cluster/worker agrees."""
-    def one(values):
-        known = {v for v in values if v is not None}
-        return known.pop() if len(known) == 1 else None
-
-    hardware = [(r.cluster or {}).get("hardware") or {} for r in records]
-    return (one(h.get("price_per_gpu_hour") for h in hardware), one(h.get("gpus_per_node") or None for h in hardware),
-            one((r.worker_env or {}).get("gpu_memory_gib") for r in records))
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from bench import analysis, store
-
-    try:
-        deadline_s = parse_duration_s(args.deadline) if args.deadline else None
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", store.RunSkipped)
-            records = store.load_results([Path(p) for p in args.results])
-    except (ValueError, store.StoreError) as err:
-        raise UserError(str(err)) from None
-    for w in caught:
-        print(f"batchscale: warning: {w.message}", file=sys.stderr)
-    if not records:
-        raise UserError(f"no runs found under {', '.join(args.results)}", 1)
-    price, per_node, memory = _cluster_defaults(records)
-    price = args.gpu_hour_price if args.gpu_hour_price is not None else price
-    try:
-        result = plan_capacity(analysis.runs_frame(records, target_accuracy=args.target_accuracy),
-                               target_accuracy=args.target_accuracy, deadline_s=deadline_s, gpu_hour_price=price,
-                               max_gpus=args.max_gpus, gpus_per_node=args.gpus_per_node or per_node,
-                               gpu_memory_gib=memory)
-    except ValueError as err:
-        raise UserError(str(err), 1) from None
-    with pd.option_context("display.width", 250, "display.max_columns", None, "display.max_colwidth", 140):
-        print(result.table[PRINT_COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
-    print("\nassumptions:\n  " + "\n  ".join(result.assumptions))
-    print("\n" + result.recommendation)
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `plan` to the batchscale parser."""
-    p = sub.add_parser("plan", help="time, GPU-hours and cost to reach an accuracy, per batch and GPU count")
-    p.add_argument("results", nargs="+", help="results folders (a sweep's, or a folder of them)")
-    p.add_argument("--target-accuracy", type=float, required=True, help="test accuracy to reach, e.g. 0.93")
-    p.add_argument("--deadline", help="e.g. 2h, 90m, 3600s")
-    p.add_argument("--gpu-hour-price", type=float, help="price per GPU-hour (default: the cluster file's)")
-    p.add_argument("--max-gpus", type=int, help="largest GPU count to consider (default: 8 x the largest measured)")
-    p.add_argument("--gpus-per-node", type=int, help="for node counts (default: the cluster file's)")
-    p.set_defaults(func=cmd_plan)

@@ -4,7 +4,10 @@ Owns: a background thread that tails each pending run's ``events.jsonl`` and sho
 a bar per sweep and per run (rich, on a terminal) or one plain line per finished
 run (when stderr is not a TTY, e.g. CI logs). A run's bar moves within an epoch too
 (an ImageNet epoch takes minutes): by the LR lines of the first epoch, which name
-every step, and later by the time since epoch_start against the last epoch's length.
+every step, and later by the time since epoch_start against the last epoch's length. After a
+worker-group restart, rank 0 cuts a run's log back to its checkpoint (or starts it again) and
+rewrites it; a tail notices (the file is shorter, or the bytes it read last are no longer there)
+and reads the log again from the start.
 
 Must not import: torch, ray, pandas.
 """
@@ -12,6 +15,7 @@ Must not import: torch, ray, pandas.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -36,10 +40,15 @@ class _Tail:
     epoch_started_at: float | None = None  # clock() when the running epoch's epoch_start was read
     last_epoch_s: float | None = None  # training seconds of the last finished epoch
     clock: Callable[[], float] = time.monotonic
+    seen: bytes = b""  # the last bytes consumed (up to SEEN_BYTES), to notice a rewritten log
+
+    SEEN_BYTES = 64
 
     def poll(self) -> None:
         try:
             with open(self.path, "rb") as fh:
+                if self.offset and not self._unchanged(fh):
+                    self.__dict__.update(_Tail(self.path, self.total_epochs, clock=self.clock).__dict__)
                 fh.seek(self.offset)
                 chunk = fh.read()
         except FileNotFoundError:
@@ -47,6 +56,7 @@ class _Tail:
         # Only consume complete lines; a half-written last line is read next time.
         end = chunk.rfind(b"\n") + 1
         self.offset += end
+        self.seen = (self.seen + chunk[:end])[-self.SEEN_BYTES:]
         for line in chunk[:end].splitlines():
             try:
                 event = json.loads(line)
@@ -70,6 +80,13 @@ class _Tail:
                 self.last_test_acc = event.get("value")
             elif key == ev.RUN_STOP:
                 self.stopped = meta
+
+    def _unchanged(self, fh) -> bool:
+        """Whether the log still holds what was read: not cut back, same bytes before the offset."""
+        if os.fstat(fh.fileno()).st_size < self.offset:
+            return False
+        fh.seek(self.offset - len(self.seen))
+        return fh.read(len(self.seen)) == self.seen
 
     @property
     def progress(self) -> float:

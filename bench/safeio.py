@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -45,12 +46,19 @@ MAX_LINE_BYTES = 1 * MIB  # one event / log / CSV line
 
 
 class UnsafeFile(ValueError):
-    """A file that is refused (a link, not a regular file, outside the root, too large, or
-    unreadable). The message names the file and the reason, never the content."""
+    """A file that is refused (a link, not a regular file, outside the root, too large,
+    unreadable, or not valid for its kind). ``str(err)`` is ``"<path>: <reason>"``; ``err.path``
+    and ``err.reason`` hold the two parts, so that a caller can name the file its own way. The
+    reason never quotes the file's content (a YAML key is named only when it is a plain word)."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
 
 
-def _refuse(path: Path, why: str) -> UnsafeFile:
-    return UnsafeFile(f"{path}: {why}")
+def _refuse(path: Path | str, why: str) -> UnsafeFile:
+    return UnsafeFile(path, why)
 
 
 def check_path(path: Path | str, root: Path | str | None = None) -> Path:
@@ -62,15 +70,18 @@ def check_path(path: Path | str, root: Path | str | None = None) -> Path:
         if path.is_symlink():
             raise _refuse(path, "is a symbolic link; links are not followed")
         return path
-    if ".." in path.parts:  # checked before any normalisation: "link/.." is the link target's parent
-        raise _refuse(path, "'..' is not allowed in a path")
     root = Path(root)
     if root.is_symlink():
         raise _refuse(path, f"{root} is a symbolic link; links are not followed")
-    try:
-        rel = Path(os.path.abspath(path)).relative_to(os.path.abspath(root))
+    try:  # lexically first: the root itself may be given as ../results
+        rel = path.relative_to(root)
     except ValueError:
-        raise _refuse(path, f"outside {root}") from None
+        try:
+            rel = Path(os.path.abspath(path)).relative_to(os.path.abspath(root))
+        except ValueError:
+            raise _refuse(path, f"outside {root}") from None
+    if ".." in rel.parts:  # checked before any normalisation: "link/.." is the link target's parent
+        raise _refuse(path, "'..' is not allowed below the root")
     current = root
     for part in rel.parts:
         current = current / part
@@ -139,37 +150,123 @@ def _where(err: Exception) -> str:
     return f"line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) else "too deeply nested"
 
 
-def read_yaml(path: Path | str, kind: str = "yaml", *, root: Path | str | None = None,
-              max_nodes: int = 100_000) -> Any:
-    """Safe-load YAML (no Python objects), refusing alias bombs and very deep nesting."""
-    text = read_text(path, kind, root=root)
+class _TooLarge(yaml.YAMLError):
+    """Raised while composing: more nodes, or deeper nesting, than a file of this kind may have."""
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, line: int, key: Any, first_line: int) -> None:
+        super().__init__()
+        self.line, self.key, self.first_line = line, key, first_line
+
+
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class _BoundedLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """PyYAML's safe loader (libyaml's parser when installed) that counts nodes and depth while
+    the document is composed -- so a huge flat list is refused after ``max_nodes`` nodes, in
+    milliseconds, instead of being built first -- and refuses a key given twice in one mapping
+    (PyYAML would silently keep the last value). Merge keys (``<<: *base``) may still be
+    overridden. The composer is PyYAML's own Python one, fed with the C parser's events."""
+
+    max_nodes = 100_000
+    max_depth = 50
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.anchors: dict = {}  # the Python composer's state (libyaml's composer is bypassed)
+        self._nodes = 0
+        self._depth = 0
+
+    get_single_node = yaml.composer.Composer.get_single_node
+    compose_document = yaml.composer.Composer.compose_document
+    compose_scalar_node = yaml.composer.Composer.compose_scalar_node
+    compose_sequence_node = yaml.composer.Composer.compose_sequence_node
+    compose_mapping_node = yaml.composer.Composer.compose_mapping_node
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._nodes += 1
+        if self._nodes > self.max_nodes:
+            raise _TooLarge(f"has more than {self.max_nodes:,} YAML values")
+        if self._depth > self.max_depth:
+            raise _TooLarge(f"is nested more than {self.max_depth} levels deep")
+        self._depth += 1
+        try:
+            return yaml.composer.Composer.compose_node(self, parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in first:
+                        raise _DuplicateKey(key_node.start_mark.line + 1, key, first[key])
+                    first[key] = key_node.start_mark.line + 1
+                except TypeError:  # an unhashable key: the base class refuses it
+                    break
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, *, path: Path | str, max_nodes: int = 100_000, max_depth: int = 50,
+               name_keys: bool = False) -> Any:
+    """Safe-load YAML text read from ``path`` (no Python objects, no duplicate keys, at most
+    ``max_nodes`` values and ``max_depth`` levels, also after aliases are expanded). Raises
+    UnsafeFile naming ``path`` and the line, never the content: a key given twice is named only
+    with ``name_keys`` (a config file the user wrote and named on the command line), and then only
+    when it is a plain word."""
+    loader = _BoundedLoader(text)
+    loader.max_nodes, loader.max_depth = max_nodes, max_depth
     try:
-        data = yaml.safe_load(text)
+        data = loader.get_single_data()
+    except _TooLarge as err:
+        raise _refuse(path, f"{err}; refused") from None
+    except _DuplicateKey as err:
+        plain = name_keys and isinstance(err.key, str) and _PLAIN_KEY.match(err.key)
+        name = f"key {err.key!r}" if plain else "a key"
+        raise _refuse(path, f"line {err.line}: {name} is given twice (first on line {err.first_line}); "
+                            "give each key once") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
-        raise _refuse(Path(path), f"is not valid YAML ({where}{getattr(err, 'problem', None) or 'parse error'})") from None
+        raise _refuse(path, f"is not valid YAML ({where}{getattr(err, 'problem', None) or 'parse error'})") from None
     except RecursionError:
-        raise _refuse(Path(path), "is nested too deeply") from None
-    check_size(data, max_nodes=max_nodes, what=str(path))
+        raise _refuse(path, "is nested too deeply") from None
+    finally:
+        loader.dispose()
+    check_size(data, max_nodes=max_nodes, max_depth=max_depth, what=str(path))
     return data
+
+
+def read_yaml(path: Path | str, kind: str = "yaml", *, root: Path | str | None = None,
+              max_nodes: int = 100_000) -> Any:
+    """Safe-load a YAML file (``parse_yaml``): no Python objects, no duplicate keys, no alias
+    bombs, no very deep nesting."""
+    return parse_yaml(read_text(path, kind, root=root), path=path, max_nodes=max_nodes)
 
 
 def check_size(node: Any, *, max_nodes: int = 100_000, max_depth: int = 50, what: str = "config") -> None:
     """Refuse a parsed document with more than ``max_nodes`` nodes or deeper than ``max_depth``:
-    YAML aliases expand lazily into shared objects, so a small file can stand for a huge one."""
-    budget = [max_nodes]
+    YAML aliases expand lazily into shared objects, so a small file can stand for a huge one.
+    Raises UnsafeFile naming ``what`` (the file)."""
+    budget = max_nodes
     stack: list[tuple[Any, int]] = [(node, 0)]
     while stack:
         item, depth = stack.pop()
-        budget[0] -= 1
-        if budget[0] < 0 or depth > max_depth:
-            raise UnsafeFile(f"{what}: too large or too deeply nested (YAML alias expansion?)")
+        budget -= 1
+        if budget < 0 or depth > max_depth:
+            raise UnsafeFile(what, f"too large or too deeply nested: more than {max_nodes:,} values or "
+                                   f"{max_depth} levels once YAML aliases are expanded")
         if isinstance(item, dict):
             for k, v in item.items():
                 stack.append((k, depth + 1))
                 stack.append((v, depth + 1))
-        elif isinstance(item, list):
+        elif isinstance(item, (list, tuple, set)):
             stack.extend((v, depth + 1) for v in item)
 
 

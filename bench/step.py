@@ -6,7 +6,7 @@ autocast, the loss summed over this rank's targets and scaled so that, after DDP
 ranks, the gradient is exactly the mean over every target of the global batch (also for a
 partial last batch), the LR written into the optimizer, and ``zero_grad``. The worker loop
 (``bench.worker``), the memory probe and the benchmarks call this one function, so a change
-here reaches all of them.
+here reaches all of them. Also the evaluation pass (``evaluate``), shared the same way.
 
 A "target" is what one loss term is about: a sample for classification (logits [n, C],
 labels [n]), a token for a language model (logits [n, T, V], labels [n, T], padding -100).
@@ -89,3 +89,25 @@ class TrainStep:
         assert loss_sum is not None, "a step needs at least one micro-batch"
         return loss_sum
 
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable[Batch], distributed: bool,
+             autocast: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) over a split's targets; each rank scores its share (the
+    feed's batches) and one all-reduce combines them: a single host read per evaluation."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
+    for x, y in batches:
+        with autocast():
+            logits = model(x)
+        valid = y != -100
+        totals[0] += ((logits.argmax(-1) == y) & valid).sum()
+        totals[1] += summed_loss(logits, y)
+        totals[2] += valid.sum()
+    if distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(totals)
+    correct, loss_sum, count = totals.tolist()
+    model.train()
+    return correct / count, loss_sum / count

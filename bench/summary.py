@@ -126,5 +126,9 @@ class RunSummary(_Stored):
     torch_peak_reserved_gib: Optional[float] = None
     torch_peak_allocated_gib: Optional[float] = None
     memory: Optional[MemorySummary] = None
+    # What one data-parallel step all-reduces (bench.comm's step model needs it to plan past the
+    # GPUs measured): gradient bytes, and the bytes of each of DDP's default buckets.
+    gradient_bytes: Optional[int] = None
+    gradient_bucket_bytes: Optional[list[float]] = None
     telemetry: Optional[TelemetrySummary] = None
     hardware: Optional[HardwareSeen] = None

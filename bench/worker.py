@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from bench import events as ev
 from bench import noise, workloads
+from bench.comm import ddp_bucket_sizes
 from bench.divergence import DivergenceMonitor, Verdict, describe
 from bench.feed import Batch, make_feed
 from bench.hardware import merge_views, rank_view, worker_environment
@@ -33,7 +34,7 @@ from bench.memory import RunMemory
 from bench.models import build_model
 from bench.optim import build_optimizer
 from bench.plan import RunPlan
-from bench.step import TrainStep, summed_loss
+from bench.step import TrainStep, evaluate  # evaluate: also bench.memprobe's (shared pass)
 from bench.store import RunDir
 from bench.summary import SCHEMA_VERSION, Failure, RunSummary, TelemetrySummary
 from bench.workloads.data import Data
@@ -58,7 +59,6 @@ class WorkerContext:
     # False once the driver that started this run is gone: the summary is then not written,
     # so the run stays incomplete and the next `batchscale run` redoes it.
     driver_alive: Callable[[], bool] | None = None
-    fault: str | None = None  # legacy BATCHSCALE_FAULT value; replaced by after_epoch (bench.faults)
 
     @property
     def distributed(self) -> bool:
@@ -82,27 +82,6 @@ def _sync(device: torch.device) -> None:
 
 NOISE_READ_EVERY_PROBES = 256  # bounds the pending samples in a long epoch (one sync per 256 probes)
 LOSS_READ_EVERY_STEPS = 4096  # bounds the pending per-step losses between synchronisation points
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable[Batch], ctx: WorkerContext,
-             autocast: Callable[[], Any], device: torch.device) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) over a split's targets; each rank scores its share (the
-    feed's batches) and one all-reduce combines them: a single host read per evaluation."""
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
-    for x, y in batches:
-        with autocast():
-            logits = model(x)
-        valid = y != -100
-        totals[0] += ((logits.argmax(-1) == y) & valid).sum()
-        totals[1] += summed_loss(logits, y)
-        totals[2] += valid.sum()
-    if ctx.distributed:
-        dist.all_reduce(totals)
-    correct, loss_sum, count = totals.tolist()
-    model.train()
-    return correct / count, loss_sum / count
 
 
 class Trainer:
@@ -135,6 +114,7 @@ class Trainer:
                 model.register_comm_hook(self.noise_hook, noise.ddp_noise_hook)
         self.model = torch.compile(model) if sweep.compile else model
         self.optimizer = build_optimizer(sweep.optimizer, self.raw_model, plan.lr(0))
+        self.gradient_sizes = [p.numel() * p.element_size() for p in self.raw_model.parameters() if p.requires_grad]
         use_bf16 = sweep.precision == "bf16"
         self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
         self.train_step = TrainStep(self.model, self.optimizer, num_workers=plan.num_workers,
@@ -171,19 +151,8 @@ class Trainer:
                 "elapsed_s": round(time.perf_counter() - self.t_start, 6)}
 
     def log_hyperparameters(self) -> None:
-        p, opt = self.plan, self.sweep.optimizer
-        for key, value in [
-            (ev.SEED, p.seed), (ev.GLOBAL_BATCH_SIZE, p.global_batch_size), (ev.NUM_WORKERS, p.num_workers),
-            (ev.PER_WORKER_BATCH_SIZE, p.per_worker_batch_size), (ev.MICRO_BATCH_SIZE, p.micro_batch_size),
-            (ev.GRADIENT_ACCUMULATION_STEPS, p.grad_accum_steps), (ev.OPT_NAME, opt.name),
-            (ev.LR_SCALING_RULE, p.scaling), (ev.REFERENCE_LEARNING_RATE, p.reference_lr),
-            (ev.REFERENCE_BATCH_SIZE, p.reference_batch_size), (ev.OPT_BASE_LEARNING_RATE, p.peak_lr),
-            (ev.OPT_LEARNING_RATE_WARMUP_EPOCHS, p.warmup_epochs),
-            (ev.OPT_LEARNING_RATE_WARMUP_STEPS, p.warmup_steps), (ev.OPT_WEIGHT_DECAY, opt.weight_decay),
-            (ev.TRAIN_SAMPLES, p.num_train), (ev.EVAL_SAMPLES, p.num_test),
-            (ev.TRAIN_EVAL_SAMPLES, self.feed.train_eval_samples),
-            (ev.STEPS_PER_EPOCH, p.steps_per_epoch),
-        ]:
+        opt = self.sweep.optimizer
+        for key, value in ev.hyperparameters(self.plan, opt.name, opt.weight_decay, self.feed.train_eval_samples):
             self.emit(key, value)
 
     # --- evaluation ------------------------------------------------------------------------
@@ -193,9 +162,9 @@ class Trainer:
         if self.memory:
             self.memory.begin("eval")
         self.emit_interval(ev.EVAL_START, ev.INTERVAL_START, epoch_num=epoch)
-        train_acc, train_loss = evaluate(self.model, self.feed.eval_batches("train"), self.ctx,
+        train_acc, train_loss = evaluate(self.model, self.feed.eval_batches("train"), self.ctx.distributed,
                                          self.autocast, self.device)
-        test_acc, test_loss = evaluate(self.model, self.feed.eval_batches("test"), self.ctx,
+        test_acc, test_loss = evaluate(self.model, self.feed.eval_batches("test"), self.ctx.distributed,
                                        self.autocast, self.device)
         pos = self._position(epoch)
         for key, value in ((ev.TRAIN_ACCURACY, train_acc), (ev.TRAIN_LOSS, train_loss),
@@ -372,8 +341,6 @@ class Trainer:
             ctx.save_checkpoint(self.plan.run_id, self.state(epoch) if ctx.rank == 0 else None)
         if ctx.after_epoch is not None:
             ctx.after_epoch(self.plan.run_id, epoch, bool(self.restored), ctx.rank, ctx.world_size)
-        elif ctx.fault:
-            _legacy_fault(ctx.fault, self.plan.run_id, epoch, bool(self.restored), ctx.rank, ctx.world_size)
 
     def summary(self, status: str, failure: Failure | None, epoch: int) -> RunSummary:
         p, m = self.plan, self.metrics
@@ -396,23 +363,13 @@ class Trainer:
             target_accuracy=self.sweep.target_accuracy,
             torch_peak_reserved_gib=memory.train_peak_reserved_gib if memory else None,
             torch_peak_allocated_gib=memory.train_peak_allocated_gib if memory else None,
-            memory=memory)
+            memory=memory, gradient_bytes=sum(self.gradient_sizes),
+            gradient_bucket_bytes=ddp_bucket_sizes(self.gradient_sizes))
 
     def close(self) -> None:
         self.feed.close()
         if self.log is not None:
             self.log.close()
-
-
-def _legacy_fault(fault: str, run_id: str, epoch: int, restored: bool, rank: int, world_size: int) -> None:
-    """BATCHSCALE_FAULT as the launcher passed it before bench.faults existed (to be removed)."""
-    import os
-
-    if fault == f"{run_id}:{epoch}:stall":
-        time.sleep(600.0)
-    if fault == f"{run_id}:{epoch}" and not restored and rank == world_size - 1:
-        time.sleep(max(10.0, 2.5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0))))
-        os._exit(17)
 
 
 def _finite(x: float | None) -> float | None:

@@ -26,17 +26,6 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _fixed_mmap_threshold():
-    """The memory probe's CPU measurement needs glibc's mmap threshold fixed before large
-    tensors come and go (bench.memstep.heap_free_bytes). ``batchscale probe-memory`` gets that
-    from a fresh process; this test process trains ResNets first, so fix it at the start."""
-    pytest.importorskip("torch")
-    from bench.memstep import fix_mmap_threshold
-
-    fix_mmap_threshold()
-
-
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole session. 4 logical CPUs on a 2-core machine: the trainer

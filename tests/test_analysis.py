@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from bench import analysis as an
-from bench.store import load_results
+from bench.records import load_results
 from fixtures_results import Eval, RunSpec, make_plan, sweep_config, write_run, write_sweep
 
 # test accuracy per epoch 0..5; 0.80 is first reached (>=, equality counts) after epoch 3
@@ -30,7 +30,9 @@ def test_to_target_hand_computed(tmp_path):
     assert list(df.columns[:len(an.RUN_COLUMNS)]) == an.RUN_COLUMNS
     assert row.epochs_to_target == 3
     assert row.steps_to_target == 3 * 32  # 500 samples / batch 16 -> 31 full + 1 partial = 32 steps
-    assert row.samples_to_target == 3 * 32 * 16
+    # 3 epochs of the 500-sample set (the 32nd step of each epoch is a partial batch of 4; the
+    # fixture used to log it as 16 samples, which put the epoch position at 3.07)
+    assert row.samples_to_target == 3 * 500
     assert row.time_to_target_s == pytest.approx(1.5)  # 3 epochs x 0.5 s, eval excluded
     assert row.final_test_acc == pytest.approx(0.85) and row.best_test_acc == pytest.approx(0.85)
     assert row.gap_acc == pytest.approx(0.05)

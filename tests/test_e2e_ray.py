@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import signal
 import time
 from pathlib import Path
 
@@ -26,9 +27,14 @@ def results_rows(capsys, path: Path) -> list[dict]:
 def test_sweep_two_gloo_workers_then_resume(ray_session, tmp_path: Path, capsys):
     sweep = write_yaml(tmp_path / "two.yaml", TWO_WORKERS)
     results = tmp_path / "results"
+    sigint = signal.getsignal(signal.SIGINT)
     assert main(["run", str(sweep), "--results-dir", str(results)]) == 0
+    # fit() ran off the main thread, so Ray Train installed no SIGINT handler of its own (in the main
+    # thread it does: abort and exit 1); Ctrl-C stays batchscale's (tests/test_reliability.py)
+    assert signal.getsignal(signal.SIGINT) is sigint
     out = capsys.readouterr().out
     assert "2 to run" in out and "1 worker-group start(s)" in out  # one group for both runs
+    assert "worker group 1 (2 workers, 2 runs): start-up " in out and "restart" not in out
     rows = results_rows(capsys, results / "tiny")
     assert [r["run_id"] for r in rows] == ["gbs000032-w002-s0", "gbs000064-w002-s0"]
     assert all(r["status"] == "success" and r["per_worker_batch_size"] in ("16", "32") for r in rows)

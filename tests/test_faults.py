@@ -1,7 +1,10 @@
-"""A Ray Train worker dies mid-run: the group restarts and the run resumes from its checkpoint."""
+"""A Ray Train worker dies mid-run: the group restarts and the run resumes from its checkpoint,
+which rank 0 wrote into the run folder (no ray.train.report); start-up and the restart are
+reported apart."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -48,9 +51,13 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_session, tmp_path: Pa
     # Kill rank 1 right after epoch 3; the last checkpoint is after epoch 2.
     monkeypatch.setenv("BATCHSCALE_FAULT", "gbs000050-w002-s3:3")
     assert main(["run", str(sweep), "--cluster", str(cluster), "--results-dir", str(tmp_path / "hit")]) == 0
-    capsys.readouterr()
+    out = capsys.readouterr().out
+    # start-up is the first attempt's alone; the restart is reported with its own time
+    assert re.search(r"worker group 1 \(2 workers, 1 run\): start-up \d+\.\d s; 1 restart after a worker "
+                     r"failure( \([A-Za-z, ]+\))?, \d+\.\d s to resume; \d checkpoints? written in \d+( ms|\.\d s)", out), out
 
     run = "faulty/gbs000050-w002-s3"
+    assert not (tmp_path / "hit" / run / "checkpoint.pt").exists()  # deleted once the run completed
     events = ev.read_events(tmp_path / "hit" / run / "events.jsonl")
     epochs = [e["metadata"]["epoch_num"] for e in events if e["key"] == ev.EPOCH_STOP]
     assert epochs == [1, 2, 3, 4, 5, 6]  # every epoch exactly once: none missing, none twice

@@ -18,8 +18,12 @@ from bench.feed import STREAM_EVAL_BATCH, global_count, step_indices
 from bench.plan import plan_sweep
 from bench.store import SweepDir
 from bench.worker import Trainer, WorkerContext, execute_run
-from bench.workloads import vision
-from bench.workloads.data import Data, epoch_permutation
+from bench.workloads import imagenet
+from bench.workloads.data import Data, epoch_permutation, normalise
+from bench.workloads.streaming import StepBatchSampler, StreamingData
+
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec (docs/workloads.md)
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 
 class U8Images(Dataset):
@@ -51,9 +55,8 @@ def test_streamed_and_resident_data_train_identically(tmp_path: Path, loader_pro
     x_tr, x_te = (torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8) for n in (60, 20))
     y_tr, y_te = torch.randint(0, 3, (60,), generator=g), torch.randint(0, 3, (20,), generator=g)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    resident = Data(vision._normalise(x_tr, mean, std), y_tr, vision._normalise(x_te, mean, std), y_te,
-                    num_classes=3)
-    streamed = vision.StreamingData(U8Images(x_tr, y_tr), U8Images(x_te, y_te), U8Images(x_tr, y_tr),
+    resident = Data(normalise(x_tr, mean, std), y_tr, normalise(x_te, mean, std), y_te, num_classes=3)
+    streamed = StreamingData(U8Images(x_tr, y_tr), U8Images(x_te, y_te), U8Images(x_tr, y_tr),
                                     num_classes=3, mean=mean, std=std, input_shape=(3, 8, 8),
                                     num_loader_workers=loader_processes, prefetch_factor=2)
     sweep = _synthetic_sweep()
@@ -82,7 +85,7 @@ def test_stream_sampler_shards_exactly_as_resident_steps():
     plan = plan_sweep(sweep)[0]
     perm = epoch_permutation(plan.num_train, plan.seed, 5)
     for rank in range(3):
-        sampler = vision.StepBatchSampler(60, 24, plan.steps_per_epoch, rank, 3, plan.seed)
+        sampler = StepBatchSampler(60, 24, plan.steps_per_epoch, rank, 3, plan.seed)
         sampler.set_epoch(5)
         for step, indices in enumerate(sampler):
             expected, num_global = step_indices(perm, step, plan, rank)
@@ -104,11 +107,13 @@ def _jpeg_folder(root: Path, per_class: dict[str, int]) -> Path:
     return root
 
 
-def test_imagenet_folder_trains_in_process_and_leaves_no_loader_processes(tmp_path: Path):
+@pytest.mark.parametrize("decode_on", ["loader", "device"])
+def test_imagenet_folder_trains_in_process_and_leaves_no_loader_processes(tmp_path: Path, decode_on: str):
     root = _jpeg_folder(tmp_path / "imagenet", {"train": 4, "val": 2})
     sweep = SweepConfig.model_validate({
         "name": "inet", "workload": "imagenet", "model": "resnet18",
-        "workload_options": {"root": str(root), "num_loader_workers": 2, "prefetch_factor": 1, "train_eval_samples": 5},
+        "workload_options": {"root": str(root), "num_loader_workers": 2, "prefetch_factor": 1,
+                             "train_eval_samples": 5, "decode_on": decode_on},
         "lr": {"reference_lr": 0.05, "reference_batch_size": 4, "scaling": "linear"}, "epochs": 2,
         "global_batch_sizes": [4], "max_micro_batch_size": 2, "seeds": [0], "target_accuracy": 0.9})
     plan = plan_sweep(sweep)[0]
@@ -138,12 +143,15 @@ def test_imagenet_folder_trains_in_process_and_leaves_no_loader_processes(tmp_pa
 
 def test_train_eval_view_is_evenly_spaced_and_deterministic(tmp_path: Path):
     root = _jpeg_folder(tmp_path / "imagenet", {"train": 5, "val": 1})
-    train = vision.ImageFolderDataset(root / "train", ["n01", "n02"], train=True)
-    view = train.evaluation_view(4)
-    assert view.indices == [0, 3, 6, 9] and train.train and not view.dataset.train
+    scan = imagenet.scan_split(str(root / "train"))
+    train_tf, val_tf = imagenet.imagenet_train_transform(), imagenet.imagenet_val_transform()
+    train = imagenet.ImageFolderDataset(scan, train_tf)
+    view = train.evaluation_view(4, val_tf)
+    assert view.paths.tolist() == scan.paths[[0, 3, 6, 9]].tolist() and train.transform is train_tf
+    assert view.transform is val_tf
     assert [view[i][1] for i in range(4)] == [0, 0, 1, 1]  # both classes
     assert torch.equal(view[1][0], view[1][0])  # val transform: no randomness
-    assert len(train.evaluation_view(100)) == 10  # never more than the set
+    assert len(train.evaluation_view(100, val_tf)) == 10  # never more than the set
     assert STREAM_EVAL_BATCH >= 1
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.perf import loader, noise_overhead, overhead, throughput
+from bench.perf import loader, noise_overhead, overhead, telemetry_overhead, throughput
 
 TINY = ["--device", "cpu", "--model", "small_cnn", "--image-size", "16"]
 
@@ -57,6 +57,21 @@ def test_noise_overhead_times_the_worker_step_with_the_probe_off_and_on(tmp_path
     with pytest.raises(SystemExit):
         noise_overhead.main([*TINY, "--accum", "1"])
     assert "--accum must be >= 2" in capsys.readouterr().err
+
+
+def test_telemetry_overhead_times_the_workers_step(capsys, monkeypatch):
+    """What it times is bench.step.TrainStep (its output format: tests/test_telemetry.py)."""
+    from bench.step import TrainStep
+
+    calls: list[int] = []
+    real = TrainStep.__call__
+    monkeypatch.setattr(TrainStep, "__call__", lambda self, mb, n, lr, **kw: calls.append(n) or real(self, mb, n, lr, **kw))
+    assert telemetry_overhead.main(["--device", "cpu", "--micro-batch-size", "3", "--num-rounds", "2",
+                                    "--steps-per-round", "2", "--warmup-steps", "1", "--rates-hz", "50"]) == 0
+    assert calls == [3] * (1 + 2 * 2 * 2)  # warm-up, then 2 rounds x (off, 50 Hz) x 2 steps
+    assert "small_cnn" in capsys.readouterr().out  # bench.models' model on the CPU by default
+    with pytest.raises(SystemExit):
+        telemetry_overhead.main(["--device", "cpu", "--model", "convnet"])  # no private model any more
 
 
 def test_loader_times_the_streamed_imagenet_pipeline(tmp_path: Path, capsys):

@@ -91,3 +91,56 @@ def test_steps_per_epoch_partial_last_batch():
     assert steps_per_epoch(500, 256) == 2
     assert steps_per_epoch(500, 250, num_workers=1) == 2
     assert steps_per_epoch(101, 50, num_workers=2) == 2  # remainder 1 < 2 workers: dropped
+
+
+def _auto_sweep(**change):
+    from bench.config import SweepConfig
+
+    return SweepConfig.model_validate({
+        "name": "auto", "workload": "blobs", "lr": {"reference_lr": 0.1, "reference_batch_size": 32}, "epochs": 1,
+        "global_batch_sizes": [64, 256], "num_workers": [1], "seeds": [0], "target_accuracy": 0.5,
+        "max_micro_batch_size": "auto", **change})
+
+
+def test_auto_is_never_planned_as_no_cap():
+    """Issue 15: plan_sweep used to read 'auto' without the probe's answer as 'no cap' while
+    `run --dry-run` refused it; planning it unresolved is now an error, not a silent default."""
+    from bench.plan import plan_sweep
+
+    with pytest.raises(PlanError, match=r"max_micro_batch_size: auto needs the memory probe's micro-batches"):
+        plan_sweep(_auto_sweep())
+    assert [p.micro_batch_size for p in plan_sweep(_auto_sweep(), max_micro_batch_size={64: 64, 256: 128})] == [64, 128]
+
+
+def test_one_resolver_for_max_micro_batch_size(tmp_path, capsys):
+    """resolve_micro_batch is what `run` (and --dry-run) uses: the same answer, the same refusal."""
+    from bench.memprobe import fit as memfit
+    from bench.cli import main
+    from bench.memprobe import resolve_micro_batch
+    from bench.plan import plan_sweep
+
+    assert resolve_micro_batch(_auto_sweep(max_micro_batch_size=None), results_dir=tmp_path) is None
+    assert resolve_micro_batch(_auto_sweep(max_micro_batch_size=32), results_dir=tmp_path) == 32
+    sweep = _auto_sweep()
+    with pytest.raises(PlanError, match=r"auto needs a memory probe; run `batchscale probe-memory auto"):
+        resolve_micro_batch(sweep, results_dir=tmp_path)
+    path = tmp_path / "auto.yaml"
+    path.write_text("name: auto\nworkload: blobs\nlr: {reference_lr: 0.1, reference_batch_size: 32}\nepochs: 1\n"
+                    "global_batch_sizes: [64, 256]\ntarget_accuracy: 0.5\nmax_micro_batch_size: auto\n")
+    argv = ["run", str(path), "--dry-run", "--results-dir", str(tmp_path)]
+    assert main(argv) == 2 and "auto needs a memory probe" in capsys.readouterr().err
+    # A probe measured on the CPU that fits 100 samples: 64 runs whole, 256 as 4 x 64.
+    probe = memfit.ProbeResult(tries=[memfit.Try(100, True, 1000), memfit.Try(128, False, None)], largest_fit=100,
+                               first_fail=128, fixed_bytes=None, per_sample_bytes=None, predicted_largest=None,
+                               device="cpu (memory cap)", total_bytes=2000, memory_key=memfit.memory_key(sweep),
+                               per_worker_batches=[64, 256], sweep="auto")
+    memfit.write_probe(probe, memfit.default_output(sweep, tmp_path))
+    micro = resolve_micro_batch(sweep, results_dir=tmp_path, use_gpu=False)
+    assert micro == {64: 64, 256: 64}
+    assert [(p.micro_batch_size, p.grad_accum_steps) for p in plan_sweep(sweep, max_micro_batch_size=micro)] == \
+        [(64, 1), (64, 4)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "per-worker 64 = 1 x 64" in out and "per-worker 256 = 4 x 64" in out
+    with pytest.raises(PlanError, match=r"measured on cpu \(memory cap\), but the cluster runs workers on GPUs"):
+        resolve_micro_batch(sweep, results_dir=tmp_path, use_gpu=True)

@@ -17,7 +17,7 @@ import pytest
 
 from bench.report import write_report
 from bench.store import RunSkipped
-from fixtures_results import write_sweep
+from fixtures_results import Eval, RunSpec, make_plan, sweep_config, write_run, write_sweep
 
 EVIL = '<script>alert("x")</script>'
 CHROMIUM = Path("/usr/bin/chromium")
@@ -80,6 +80,7 @@ def test_escapes_names_and_reasons(tmp_path):
     assert "<b onmouseover" not in page and "&lt;b onmouseover=&quot;x&quot;&gt;$a$" in page
     assert EVIL not in page and page.count("<script") == 1
     assert "could not be drawn" not in page  # '$' in a name is not taken for maths by matplotlib
+    assert "\\$" not in page  # the escape that keeps it from maths is for figures, never for the page's text
 
 
 def test_nothing_reached_and_several_sweeps(tmp_path):
@@ -108,12 +109,21 @@ def test_target_override_empty_and_corrupt(tmp_path):
     with pytest.warns(RunSkipped):
         page = write_report([small], tmp_path / "r.html", target_accuracy=0.5).read_text()
     assert "overridden to 0.5" in page and "never reached it" not in page
-    assert "gbs000004-w001-s1" in page and "gbs000004-w001-s0" not in page  # the corrupt run is skipped
+    # The corrupt run is listed with its reason (no raw bytes) and left out of every figure and fit
+    # (before, it was dropped without a trace: the report never showed it).
+    assert "gbs000004-w001-s1" in page
+    failures = page.split("<h2>Failed, diverged")[1].split("<h2>Figures")[0]
+    assert "gbs000004-w001-s0" in failures and "damaged: events.jsonl:2: broken event line" in failures
+    assert "not json" not in page
+    assert page.count("1 damaged run(s) (a file missing or corrupt) are listed in the failures table") == 2
+    summary = page.split("<h2>Summary per global batch size")[1].split("<h2>Critical")[0]
+    assert "1 (1 success)" in summary  # batch 4: the damaged seed is not counted
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "No runs were found" in write_report([empty], tmp_path / "e.html").read_text()
 
 
+@pytest.mark.slow
 def test_eight_runs_of_200_epochs_in_under_10_s(tmp_path):
     """As the CLI runs it: a fresh process, imports included. CPU time is what is asserted, since
     the wall time on a shared 2-core machine depends on the neighbours."""
@@ -129,12 +139,144 @@ def test_eight_runs_of_200_epochs_in_under_10_s(tmp_path):
     assert (tmp_path / "eight.html").is_file()
 
 
+@pytest.mark.slow
 def test_hundred_runs_under_5_mb(tmp_path):
     big = write_sweep(tmp_path, "hundred", batches=(4, 8, 16, 32, 64, 96, 128, 192, 256, 500),
                       seeds=tuple(range(10)), epochs=12, s_min=10)
     page = write_report([big], tmp_path / "hundred.html").read_text()
     assert len(page.encode()) < 5 * 2**20
     assert page.count("<img ") == 9 and "Not shown" not in page  # every figure drawn, capacity plan included
+
+
+# --- what the report now says about its numbers ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def v2_page(tmp_path_factory) -> str:
+    """Schema-v2 summaries, step-based evaluation (eval_every_steps: auto), GPU telemetry; batch
+    256 never reaches the target and its last seed diverges at its peak LR."""
+    root = tmp_path_factory.mktemp("v2")
+    sweep = write_sweep(root, "v2demo", batches=(4, 16, 64, 256), seeds=(0, 1), epochs=40, v2=True,
+                        telemetry_kind="gpu", failures={256: "diverged"})
+    return write_report([sweep], root / "v2.html").read_text()
+
+
+def test_v2_report_words_failures_memory_and_the_fit(v2_page):
+    page = v2_page
+    assert "diverged at peak LR 0.64: smoothed training loss 30 above the limit 23 at step 19" in page
+    assert "PyTorch training peak, allocated goes from 0.22 GiB at per-worker batch 4 to 1.48 GiB at 256" in page
+    assert "v1 summaries" not in page and "could not be drawn" not in page
+    # steps 100 (1 + 64 / B) +1 % for seed 1, resolved to 16 % or better: every point is used
+    assert "B_crit from the steps-to-target fit = 63.3, S_min = 103 steps (3 batch sizes, 6 runs); 95% bootstrap " \
+           "interval 60.4 to 66.4 (2,000 resamples of the runs within each batch size; 3 of 3 batch sizes" in page
+    assert "left out of the fit" not in page
+    assert "hollow points: sustained crossing (held for 3 evaluations in a row)" in page
+    assert "a difference counts as beyond the seed spread when the gap between the means exceeds twice" in page
+    assert "No run ended below a target it had reached." in page
+
+
+def test_runs_that_end_below_a_target_they_reached_are_flagged(tmp_path):
+    sweep = write_sweep(tmp_path, "flag", batches=(4, 16), seeds=(0,), epochs=20)
+    accs = [0.3, 0.5, 0.81, 0.6, 0.7, 0.75]  # crossed once at epoch 2, ends at 0.75
+    plan = make_plan("flag", 64, epochs=5)
+    write_run(sweep, RunSpec(plan, [Eval(i, a, a) for i, a in enumerate(accs)]),
+              config=sweep_config("flag", batches=(4, 16, 64), epochs=20))
+    page = write_report([sweep], tmp_path / "r.html").read_text()
+    section = page.split("<h2>Runs that ended below a target they had reached")[1].split("<h2>")[0]
+    assert "1 run(s) ended below a target they had reached" in section
+    assert '<td data-v="gbs000064-w001-s0">' in section and "<td data-v=\"never\">never</td>" in section
+
+
+def test_provenance_warnings(tmp_path):
+    cluster = {"name": "gpu8", "use_gpu": True, "hardware": {"gpus_per_node": 8, "nodes": 1}}
+    sweep = write_sweep(tmp_path, "prov", batches=(4, 16), seeds=(0,), epochs=10, cluster=cluster)
+    page = write_report([sweep], tmp_path / "r.html").read_text()
+    assert ("Provenance: cluster file &#x27;gpu8&#x27; has use_gpu: true, but the workers ran on the CPU "
+            "(CPU on an unknown host) (2 runs)") in page
+    assert "<td>CPU on an unknown host</td>" in page
+    assert "<td>use_gpu true; 8 GPU(s) per node x 1 node(s); GPU model not given</td>" in page
+
+
+def test_a_corrupt_telemetry_file_is_named_and_the_rest_drawn(tmp_path):
+    sweep = write_sweep(tmp_path, "tele", batches=(4, 16), seeds=(0,), epochs=10)
+    bad = sweep / "gbs000004-w001-s0" / "telemetry-rank0.csv"
+    bad.write_text(bad.read_text().splitlines()[0] + "\n1,2\x00\x01secret\n")
+    page = write_report([sweep], tmp_path / "r.html").read_text()
+    assert ("tele/gbs000004-w001-s0: telemetry file skipped: telemetry-rank0.csv: line 2 has 2 fields, "
+            "the header 17") in page
+    assert "secret" not in page
+    section = page.split('id="fig-telemetry"')[1].split("</section>")[0]
+    assert "<img" in section and "over 1 run(s)" in section  # the other run's telemetry is drawn
+
+
+@pytest.mark.parametrize("target", [1.5, 0, -5, float("nan"), float("inf")])
+def test_write_report_refuses_a_target_outside_0_1(tmp_path, target):
+    from bench.errors import UserError
+
+    sweep = write_sweep(tmp_path, "t", batches=(4,), seeds=(0,), epochs=5)
+    with pytest.raises(UserError, match="--target-accuracy .*must be a number in \\(0, 1\\]"):
+        write_report([sweep], tmp_path / "r.html", target_accuracy=target)
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_write_report_refuses_a_folder_as_output(tmp_path):
+    from bench.errors import UserError
+
+    sweep = write_sweep(tmp_path, "o", batches=(4,), seeds=(0,), epochs=5)
+    with pytest.raises(UserError, match="is a folder; give a file name"):
+        write_report([sweep], tmp_path)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(UserError, match="cannot create its folder"):
+        write_report([sweep], a_file / "r.html")
+
+
+def test_write_report_refuses_an_unwritable_folder(tmp_path):
+    import os
+
+    from bench.errors import UserError
+
+    sweep = write_sweep(tmp_path, "o", batches=(4,), seeds=(0,), epochs=5)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        with pytest.raises(UserError, match="is not writable"):
+            write_report([sweep], locked / "r.html")
+    finally:
+        locked.chmod(0o700)
+    assert list(locked.iterdir()) == []
+
+
+def test_figures_escape_names_and_render_tick_labels(sweep_dir):
+    """'$' in a name is printed, not read as maths; matplotlib's maths stays on, so no tick label
+    shows raw mathtext (the capacity figure's y axis printed '$\\mathdefault{3\\times10^{0}}$')."""
+    from matplotlib import cbook
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from bench import analysis as an
+    from bench import report_figures as rf
+    from bench.report import build_figures
+    from bench.records import load_results
+
+    assert rf.tex("sw$a$") == r"sw\$a\$" and not cbook.is_math_text(rf.tex("sw$a$")) and cbook.is_math_text("sw$a$")
+    records = [r for r in load_results([sweep_dir]) if r.damage is None]
+    runs = an.runs_frame(records)
+    figures = [f for f in build_figures(records, runs, an.speedup_frame(runs)) if f.figure is not None]
+    assert len(figures) >= 8
+    for result in figures:
+        FigureCanvasAgg(result.figure).draw()
+        for ax in result.figure.axes:
+            labels = [t.get_text() for t in ax.get_xticklabels() + ax.get_yticklabels()]
+            assert not any("mathdefault" in t for t in labels), (result.key, labels)
+            figure_box = result.figure.bbox
+            title = ax.title.get_window_extent()
+            assert title.y1 <= figure_box.y1 + 0.5, (result.key, "title clipped")
+    capacity = next(f for f in figures if f.key == "capacity").figure
+    ax = capacity.axes[0]
+    top = max(line.get_ydata().max() for line in ax.get_lines() if len(line.get_ydata()))
+    assert top * 1.05 < ax.get_ylim()[1]  # the top line keeps a margin from the frame
 
 
 # --- the page in a real browser ------------------------------------------------------------

@@ -1,7 +1,8 @@
 """bench.submission and bench.compliance on synthetic results written through bench.store and
-bench.events (tests/fixtures_results.py): a clean submission passes; a tampered LR, a missing run,
-an edited file, a run that converges too fast each fail with their specific violation; refusals
-leave nothing behind."""
+bench.events (tests/fixtures_results.py): a clean submission passes (MLPerf's common rules
+included); a tampered LR, a missing run, an edited file, a run that converges too fast, a
+run_stop status that is not MLPerf's each fail with their specific violation; refusals leave
+nothing behind. Hostile packages (links, huge files, wrong shapes): tests/test_compliance.py."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench import compliance
+from bench import compare, compliance, mlperf_rules
 from bench import events as ev
 from bench import submission as sub
+from bench import submission_files as files
+from bench.mllog_export import HEADER_KEYS, PARALLELISM_KEYS, PRECISION_KEYS
 from bench.errors import UserError
 from fixtures_results import write_sweep
 
@@ -49,7 +52,7 @@ def test_clean_submission_passes(clean):
 
 def test_layout_and_system_json(clean):
     system = json.loads((clean / "system.json").read_text())
-    assert set(sub.SYSTEM_FIELDS) <= set(system)
+    assert set(files.SYSTEM_FIELDS) <= set(system)
     assert system["submitter"] == "ACME Research" and system["division"] == "open"
     assert system["system_name"] == "local" and system["number_of_nodes"] == 1
     assert system["framework"] == "PyTorch 2.3.0, Ray 2.60.0"
@@ -58,9 +61,19 @@ def test_layout_and_system_json(clean):
     assert len(logs) == len(BATCHES) * len(SEEDS)
     lines = logs[0].read_text().splitlines()
     assert all(line.startswith(":::MLLOG {") for line in lines)
-    first = [json.loads(line[len(":::MLLOG "):]) for line in lines[:5]]
-    assert [e["key"] for e in first] == [*sub.HEADER_KEYS, ev.RUN_START]
-    assert first[0]["value"] == "ACME Research" and first[3]["value"] == "blobs"
+    assert system["status"] == "Research, Development, or Internal (RDI)"  # the default, MLPerf's words
+    first = [json.loads(line[len(":::MLLOG "):]) for line in lines[:17]]
+    assert [e["key"] for e in first] == [*HEADER_KEYS, "cache_clear", *PRECISION_KEYS, *PARALLELISM_KEYS,
+                                         "config_filename", ev.INIT_START, ev.INIT_STOP, ev.RUN_START]
+    values = {e["key"]: e["value"] for e in first}
+    assert values["submission_org"] == "ACME Research" and values["submission_benchmark"] == "blobs"
+    assert values["submission_status"] == "research" and values["cache_clear"] is False
+    assert values["lowest_numerical_precision_in_linear"] == "fp32" and values["tensor_parallelism"] == 1
+    assert values["config_filename"] == f"runs/demo/{logs[0].stem}/config.yaml"
+    # the fixture, like every committed results folder, predates init_start/init_stop: a zero-length
+    # interval at run_start, marked as not recorded
+    assert first[14]["time_ms"] == first[15]["time_ms"] == first[16]["time_ms"]
+    assert first[14]["metadata"]["recorded"] is False and first[15]["metadata"]["recorded"] is False
     run = clean / "runs" / "demo" / logs[0].stem
     assert {p.name for p in run.iterdir()} >= {"run.json", "summary.json", "config.yaml", "env.json"}
     table = pd.read_csv(clean / "summary.csv")
@@ -116,10 +129,11 @@ def test_run_removed_from_a_package_is_caught(clean, tmp_path):
 
 def test_a_diverged_run_is_a_result_not_a_violation(clean, tmp_path):
     """Failures are results: a run that diverged (log and summary agree) stays in a valid
-    submission; only the checksums of the two edited files notice the edit here."""
+    submission; only the checksums of the two edited files notice the edit here. It reached the
+    target before diverging, so MLPerf's status stays success."""
     copy = _copy(clean, tmp_path)
     log = copy / "results" / "demo" / "gbs000004-w001-s0.log"
-    log.write_text(log.read_text().replace('"status": "success"', '"status": "diverged"'))
+    log.write_text(log.read_text().replace('"batchscale_status": "success"', '"batchscale_status": "diverged"'))
     summary = copy / "runs" / "demo" / "gbs000004-w001-s0" / "summary.json"
     summary.write_text(summary.read_text().replace('"status": "success"', '"status": "diverged"'))
     assert [p.split(" was modified")[0] for p in compliance.check_submission(copy)] == [
@@ -162,14 +176,22 @@ def test_missing_system_field_and_failed_run(clean, tmp_path):
     del system["cooling"]
     system["framework"] = None
     (copy / "system.json").write_text(json.dumps(system))
-    log = copy / "results" / "demo" / "gbs000004-w001-s0.log"
-    log.write_text(log.read_text().replace('"status": "success"', '"status": "diverged"'))
-    log2 = copy / "results" / "demo" / "gbs000016-w001-s0.log"
-    log2.write_text(log2.read_text().replace('"status": "success"', '"status": "aborted"'))
+    edits = {"gbs000004-w001-s0": ('"status": "success"', '"status": "diverged"'),  # ours, not MLPerf's
+             "gbs000016-w001-s0": ('"status": "success"', '"status": "aborted"'),  # but it reached the target
+             "gbs000064-w001-s0": ('"batchscale_status": "success"', '"batchscale_status": "oom"'),
+             "gbs000064-w001-s1": ('"key": "run_stop"', '"key": "run_stopped"')}
+    for run_id, (old, new) in edits.items():
+        log = copy / "results" / "demo" / f"{run_id}.log"
+        log.write_text(log.read_text().replace(old, new))
     problems = [p for p in compliance.check_submission(copy) if not p.startswith("checksums:")]
     assert problems == ["system.json: field 'cooling' missing", "system.json: field 'framework' is empty",
-                        "run demo/gbs000004-w001-s0: summary.json status 'success', log says diverged",
-                        "run demo/gbs000016-w001-s0: not complete (run_stop status aborted)"]
+                        "run demo/gbs000004-w001-s0: run_stop status is not MLPerf's success or aborted",
+                        "run demo/gbs000016-w001-s0: run_stop status aborted, but an evaluation reached the "
+                        "target accuracy 0.8",
+                        "run demo/gbs000064-w001-s0: summary.json status 'success', log says oom",
+                        "run demo/gbs000064-w001-s1: not complete (no run_stop line)",
+                        f"run demo/gbs000064-w001-s1: MLPerf training {mlperf_rules.newest_ruleset()} common rules: "
+                        "Required EXACTLY_ONE occurrence of 'run_stop' but found 0"]
 
 
 def test_refuses_incomplete_runs_and_leaves_nothing(tmp_path):
@@ -223,7 +245,7 @@ def test_single_run_allowance_is_the_prediction_t_test():
 
 def test_compare_prints_and_writes_html(clean, tmp_path, capsys):
     other = _submit(_results(tmp_path / "results", s_min=25.0), tmp_path / "a<b>")
-    long = sub.compare_submissions([clean, other], tmp_path / "cmp.html")
+    long = compare.compare_submissions([clean, other], tmp_path / "cmp.html")
     assert sorted(long["submission"].unique()) == ["a<b>", "acme-local"]
     row = long[(long["submission"] == "acme-local") & (long["global_batch_size"] == 16)].iloc[0]
     assert row["n_runs"] == 3 and row["samples_per_s"] == pytest.approx(500 / (0.02 * 2))
@@ -246,12 +268,29 @@ def test_cli_submit_check_compare(tmp_path, capsys):
     assert _cli(["submit", str(results), "--system", str(CLUSTER), "-o", str(out), "--submitter", "ACME",
                  "--status", "rdi"]) == 0
     assert _cli(["check", str(out)]) == 0
-    assert json.loads((out / "system.json").read_text())["status"] == "rdi"
+    assert json.loads((out / "system.json").read_text())["status"] == "Research, Development, or Internal (RDI)"
     log = next((out / "results").glob("*/*.log")).read_text()
-    assert '"key": "submission_status", "value": "rdi"' in log
+    assert '"key": "submission_status", "value": "research"' in log  # the word MLPerf's 4.0 rules accept
     (out / "summary.csv").write_text("edited")
     assert _cli(["check", str(out), "--reference", str(out)]) == 1
     assert "VIOLATION: checksums: summary.csv was modified" in capsys.readouterr().out
     assert _cli(["compare", str(out), "-o", str(tmp_path / "c.html")]) == 0
     with pytest.raises(UserError):
         _cli(["submit", str(results), "--system", str(CLUSTER), "-o", str(out)])
+
+
+def test_an_lr_search_sweep_is_not_submitted(tmp_path, capsys):
+    """Trials at several LRs per batch are not a submission (MLPerf: one set of hyperparameters)."""
+    import json
+
+    from bench.cli import main
+
+    sweep = write_sweep(tmp_path / "results", "lrs", batches=(4, 16), seeds=(0,), epochs=10)
+    trial = next(sweep.glob("gbs000004*"))
+    plan = json.loads((trial / "run.json").read_text())
+    (trial / "run.json").write_text(json.dumps({**plan, "lr_factor": 2.0, "stage": 1}))
+    system = tmp_path / "c.yaml"
+    system.write_text("name: c\n")
+    code = main(["submit", str(sweep), "--system", str(system), "-o", str(tmp_path / "sub")])
+    err = capsys.readouterr().err
+    assert code == 2 and "at another LR than the rule's" in err and not (tmp_path / "sub").exists()

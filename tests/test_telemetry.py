@@ -392,11 +392,11 @@ def test_default_nvml_without_a_driver_is_cpu_mode(tmp_path, monkeypatch):
 
 # --- the overhead benchmark ----------------------------------------------------------------
 def test_telemetry_overhead_runs_on_cpu(tmp_path, capsys):
-    torch = pytest.importorskip("torch")
-    from bench.perf.telemetry_overhead import build_model, main
+    pytest.importorskip("torch")
+    from bench.perf.telemetry_overhead import main
 
     out = tmp_path / "overhead.json"
-    rc = main(["--device", "cpu", "--model", "mlp", "--width", "1", "--image-size", "4",
+    rc = main(["--device", "cpu", "--model", "mlp", "--image-size", "4",
                "--micro-batch-size", "2", "--num-rounds", "2", "--steps-per-round", "2",
                "--warmup-steps", "1", "--json", str(out)])
     lines = capsys.readouterr().out.strip().splitlines()
@@ -409,7 +409,6 @@ def test_telemetry_overhead_runs_on_cpu(tmp_path, capsys):
     assert set(result["overhead_ratio"]) == {"10Hz", "50Hz"}
     assert len(result["step_ms"]["off"]) == 2 and result["telemetry_kind"] == ["cpu"]
     assert result["telemetry_num_samples"]["10Hz"] >= 4  # first and last sample per block
-    assert build_model("convnet", 2, 8)(torch.zeros(2, 3, 8, 8)).shape == (2, 10)
 
 
 def test_memory_above_the_runs_own_baseline():

@@ -207,6 +207,7 @@ def _rank_main(rank: int, world: int, port: int, root: str, out: dict, over: dic
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_one_worker(tmp_path: Path):
     """Data parallelism must not change the algorithm: 2 x 25 equals 1 x 50."""
     single = run_one(tmp_path / "one", sweep_of(global_batch_sizes=[50]))[2]
@@ -220,6 +221,7 @@ def test_two_gloo_ranks_match_one_worker(tmp_path: Path):
     assert (tmp_path / "two" / "t" / "gbs000050-w002-s0" / "telemetry-rank1.csv").exists()
 
 
+@pytest.mark.slow
 def test_noise_probe_under_ddp_leaves_training_unchanged(tmp_path: Path):
     """Two ranks: the probe rides in DDP's communication hook (per-worker vs global gradient)."""
     single = run_one(tmp_path / "one", sweep_of(global_batch_sizes=[50]))[2]
@@ -232,3 +234,19 @@ def test_noise_probe_under_ddp_leaves_training_unchanged(tmp_path: Path):
     assert [e["metadata"]["step"] for e in gns] == list(range(0, 40, 5))
     assert {(e["metadata"]["b_small"], e["metadata"]["b_big"]) for e in gns} == {(25, 50)}
     assert all(e["metadata"]["grad_sq_small"] > e["metadata"]["grad_sq_big"] > 0 for e in gns)
+
+
+def test_a_step_evaluated_run_reads_back_whole(tmp_path: Path):
+    """What the driver stores (the whole config dumped) validates again when read: a run with
+    eval_every_steps is not taken for damaged. Paths may come with '..' in the root."""
+    from bench.records import load_results
+
+    sweep = sweep_of(eval_every_steps=5, epochs=1)
+    plan = plan_sweep(sweep)[0]
+    run_dir = SweepDir(tmp_path / "r" / sweep.name).run(plan.run_id)
+    run_dir.prepare(config=sweep.model_dump(mode="json"), cluster={"name": "local"}, run_plan=plan.to_dict(),
+                    env={})
+    execute_run(plan, sweep, run_dir, WorkerContext())
+    (tmp_path / "sub").mkdir()
+    record, = load_results([tmp_path / "sub" / ".." / "r" / sweep.name])
+    assert record.damage is None and record.status == "success"

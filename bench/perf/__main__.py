@@ -1,4 +1,5 @@
-"""`python -m bench.perf NAME [args]`: dispatch to a benchmark script."""
+"""`python -m bench.perf NAME [args]`: dispatch to a benchmark a user runs on their own machine or
+cluster. The project's own lab tooling (the GPU-lease session, the soak) is in tools/."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ SCRIPTS = {
     "throughput": "bench.perf.throughput",  # samples/s and TFLOP/s across per-GPU batch sizes
     "noise-overhead": "bench.perf.noise_overhead",  # worker step with the noise-scale probe off / on
     "loader": "bench.perf.loader",  # streamed ImageNet pipeline: images/s per DataLoader process
-    "gpu-session": "bench.perf.session",  # the GPU measurements still owed, within a time budget
+    "allreduce": "bench.perf.allreduce",  # all-reduce busbw and latency per message size, nccl-tests style
+    "validate-comm": "bench.perf.validate_comm",  # 2-worker step time predicted from 1-worker runs vs measured
+    "checkpoint-cost": "bench.perf.checkpoint_cost",  # the same sweep without / with checkpoints, A B B A
 }
 
 

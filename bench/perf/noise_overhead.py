@@ -8,7 +8,7 @@ seed, model and plan; blocks of ``--steps-per-round`` steps (a multiple of every
 each B block holds the same number of probe steps) run interleaved A, B1, B2, A, B1, B2, ...
 with the device synchronised before and after each block. The cost per cadence is the
 median of per-round ratios B/A (with min/max), because the spread between rounds can be as
-large as the effect (DESIGN.md, performance notes).
+large as the effect (docs/performance.md).
 
 What B pays on top of A: on a probe step, one gradient norm per micro-batch (of the gradient
 accumulated so far minus a copy of the previous one) and the final norm; at the end of each

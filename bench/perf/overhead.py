@@ -28,7 +28,7 @@ price is one worker-group start per pair (~10 s on 2 CPU cores, ~15-20 s on the 
 printed per pair). Running all B runs in one worker group would save that but would put
 every B after every A, so we do not. The ratio B/A is reported per pair and as
 median/min/max over pairs, because the spread between pairs can be as large as the effect
-(DESIGN.md, performance notes).
+(docs/performance.md).
 
 Reaches Ray only through ``bench.runner`` / ``bench.launcher``.
 """

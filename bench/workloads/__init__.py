@@ -1,57 +1,34 @@
 """Workload registry: the one place to add a dataset.
 
-Owns: workload names, their option models (validated with the sweep file), their
-sizes (so the config can refuse a global batch larger than the training set
-before Ray starts), default model, and where the loader lives.
+Owns: the registered workloads (the tabular ones here, the image ones from
+``vision_catalog.ENTRIES``): names, option models (validated with the sweep file),
+sizes (so the config can refuse a global batch larger than the training set before
+Ray starts), default model, where the loader lives; and ``load()``, which imports a
+loader lazily and keeps the last set a process loaded. The types and the table are in
+``bench.workloads.registry``, which the catalogs import instead of this package.
 
-Must not import at module level: torch, ray, pandas (config validation runs
-without them). Loaders are imported lazily by ``load()``.
+Must not import at module level: torch, torchvision, ray, pandas (config validation
+runs without them).
 
-A loader is ``load(options: <OptionsModel>, seed: int) -> bench.workloads.data.Data``.
+A loader is ``load(options: <OptionsModel>, seed: int) -> Data | StreamingData`` (docs/workloads.md).
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bench.workloads import vision_catalog
+from bench.workloads.registry import REGISTRY, NoOptions, WorkloadInfo, get, register
 
-class NoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+__all__ = ["REGISTRY", "NoOptions", "WorkloadInfo", "DigitsOptions", "get", "register", "load"]
 
 
 class DigitsOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="stratified held-out share")
-
-
-@dataclass(frozen=True)
-class WorkloadInfo:
-    name: str
-    description: str
-    options: type[BaseModel]
-    default_model: str
-    models: tuple[str, ...]
-    num_classes: int
-    sizes: Callable[[Any], tuple[int, int]]  # options -> (num_train, num_test)
-    loader: str  # "module:function", imported lazily
-    has_accuracy: bool = True  # False for throughput-only (synthetic) workloads
-    seeded: bool = False  # True when the loader's data depend on the run seed (synthetic)
-
-
-REGISTRY: dict[str, WorkloadInfo] = {}
-
-
-def register(info: WorkloadInfo) -> WorkloadInfo:
-    REGISTRY[info.name] = info
-    return info
-
-
-def get(name: str) -> WorkloadInfo:
-    return REGISTRY[name]
 
 
 _LAST: tuple[tuple, Any] | None = None  # (key, data) of the last load in this process
@@ -95,5 +72,5 @@ register(WorkloadInfo(
     options=DigitsOptions, default_model="mlp", models=("mlp", "small_cnn"), num_classes=10,
     sizes=_digits_sizes, loader="bench.workloads.tabular:load_digits"))
 
-
-from bench.workloads import vision_catalog  # noqa: E402,F401  (registers cifar, imagenet, shapes, synthetic)
+for _info in vision_catalog.ENTRIES:  # cifar10, cifar100, imagenet, shapes, synthetic
+    register(_info)

@@ -1,7 +1,7 @@
 """The value a workload loader returns: tensors that fit in memory, on the CPU.
 
-Owns: the ``Data`` container and deterministic per-rank sharding of an epoch.
-The worker moves the tensors to its device once.
+Owns: the ``Data`` container, the per-channel normalisation the image loaders apply, and
+the epoch permutation every rank shares. The worker moves the tensors to its device once.
 """
 
 from __future__ import annotations
@@ -38,3 +38,9 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     g = torch.Generator()
     g.manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_samples, generator=g)
+
+
+def normalise(images_u8: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32 (x / 255 - mean) / std per channel."""
+    x = images_u8.float().div_(255.0)
+    return x.sub_(torch.tensor(mean).view(1, -1, 1, 1)).div_(torch.tensor(std).view(1, -1, 1, 1))

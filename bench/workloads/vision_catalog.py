@@ -2,24 +2,26 @@
 
 Owns: their option models (checked when the sweep is validated: a dataset folder
 that does not exist is refused there, naming the path), their sizes, the models
-each may use, the on-disk layouts (CIFAR file names, download URLs and MD5s; the
-ImageFolder scan shared by the sizes function and the imagenet loader).
+each may use, the on-disk layouts (CIFAR file names, download URLs and MD5s), and
+``ENTRIES``, which ``bench.workloads`` registers.
 
-Must not import: torch, ray, pandas (config validation runs without them). The
-loaders live in ``bench.workloads.vision`` and are imported lazily.
+Must not import: torch, torchvision, ray, pandas (config validation runs without
+them), nor ``bench.workloads`` itself (only its ``registry``). The loaders live in
+``bench.workloads.vision`` (CIFAR, synthetic), ``.imagenet`` and ``.shapes`` and are
+imported lazily; so is the ImageFolder scan (torchvision's) that sizes ImageNet.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import ClassVar, Iterator, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from bench.workloads import WorkloadInfo, register
+from bench.errors import UserError
+from bench.workloads.registry import WorkloadInfo
 
 # --- CIFAR ---------------------------------------------------------------------------------
 
@@ -75,21 +77,10 @@ class Cifar100Options(CifarOptions):
 
 # --- ImageNet (ImageFolder layout) -----------------------------------------------------------
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-def image_folder_classes(split_dir: Path) -> list[str]:
-    """Class names = sorted sub-folder names; the label of a class is its index here."""
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
-
-
-def iter_image_folder(split_dir: Path, classes: list[str]) -> Iterator[tuple[str, int]]:
-    """(path, label) for every image file, in sorted order within each class folder."""
-    for label, name in enumerate(classes):
-        files = sorted(e.name for e in os.scandir(split_dir / name)
-                       if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
-        for f in files:
-            yield str(split_dir / name / f), label
+def _class_folders(split_dir: Path) -> set[str]:
+    # Only to compare train/ with val/ at validation time; the scan itself (which folders are
+    # classes, their order, the images) is torchvision's, in bench.workloads.imagenet.
+    return {e.name for e in os.scandir(split_dir) if e.is_dir()}
 
 
 class ImageNetOptions(BaseModel):
@@ -104,6 +95,12 @@ class ImageNetOptions(BaseModel):
     prefetch_factor: int = Field(4, ge=1, le=64, description="batches each loader process keeps ready")
     train_eval_samples: int = Field(50_000, ge=1, description="evenly spaced training images the train "
                                     "accuracy/loss are measured on (all of them when the set is smaller)")
+    decoder: Literal["torchvision", "pil"] = Field(
+        "torchvision", description="torchvision.io (libjpeg-turbo; other formats through Pillow) or Pillow")
+    decode_on: Literal["auto", "loader", "device"] = Field(
+        "auto", description="loader: DataLoader processes decode and crop; device: they only read the "
+        "files, the training process decodes each batch on its device (nvjpeg on CUDA) and crops "
+        "there; auto: device on CUDA, loader otherwise")
 
     @model_validator(mode="after")
     def _folders_exist(self) -> "ImageNetOptions":
@@ -112,38 +109,45 @@ class ImageNetOptions(BaseModel):
             if not (root / split).is_dir():
                 raise ValueError(f"root: {root / split} is not a folder (expected ImageFolder layout "
                                  f"root/train/<class>/ and root/val/<class>/)")
-        train, val = image_folder_classes(root / "train"), image_folder_classes(root / "val")
+        train, val = _class_folders(root / "train"), _class_folders(root / "val")
         if not train or train != val:
             raise ValueError(f"root: {root}: train/ and val/ must hold the same class folders "
                              f"({len(train)} in train, {len(val)} in val)")
+        if self.decoder == "pil" and self.decode_on == "device":
+            raise ValueError("decode_on: device decodes with torchvision (nvjpeg on CUDA); the Pillow "
+                             "decoder runs in the loader processes (decode_on: loader or auto)")
         return self
 
 
-@lru_cache(maxsize=8)
-def _count_images(root: str) -> tuple[int, int]:
-    # One directory scan per split (ImageNet: ~1.33M entries, seconds on a local disk), cached.
-    counts = []
-    for split in ("train", "val"):
-        split_dir = Path(root).expanduser() / split
-        counts.append(sum(1 for _ in iter_image_folder(split_dir, image_folder_classes(split_dir))))
-    return counts[0], counts[1]
-
-
 def _imagenet_sizes(opts: ImageNetOptions) -> tuple[int, int]:
-    return _count_images(str(Path(opts.root).expanduser().resolve()))
+    """One scan per split (ImageNet: ~1.33M entries, seconds on a local disk), cached per process
+    and shared with the loader, so the plan counts exactly the images the workers read."""
+    from bench.workloads.imagenet import scan_split  # torchvision: paid by imagenet sweeps only
+
+    root = Path(opts.root).expanduser().resolve()
+    try:
+        return len(scan_split(str(root / "train")).labels), len(scan_split(str(root / "val")).labels)
+    except FileNotFoundError as err:  # torchvision: a class folder without a single image
+        raise UserError(f"workload_options.root: {root}: {err}") from None
 
 
 # --- generated -------------------------------------------------------------------------------
 
 class ShapesOptions(BaseModel):
     """Generated 32x32 RGB shapes and textures; the same options give the same images on
-    every machine, and a smaller num_train is a prefix of a larger one."""
+    every machine, and a smaller num_train is a prefix of a larger one. ``distractors``,
+    ``occluders`` and ``label_noise`` make the harder variant (``bench.workloads.shapes``);
+    at 0 the images are the original set's."""
 
     model_config = ConfigDict(extra="forbid")
     num_train: int = Field(50_000, ge=1, le=2_000_000)
     num_test: int = Field(10_000, ge=1, le=1_000_000)
     data_seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the generator (not the run seed)")
     noise: float = Field(0.15, ge=0.0, le=1.0, description="std of per-pixel noise, on the 0..1 pixel scale")
+    distractors: int = Field(0, ge=0, le=8, description="small objects of random classes behind the target")
+    occluders: int = Field(0, ge=0, le=4, description="random bars drawn across the target")
+    label_noise: float = Field(0.0, ge=0.0, lt=0.9, description="share of training labels replaced by "
+                               "another class (the test labels stay clean)")
 
 
 MAX_SYNTHETIC_GIB = 8.0  # both splits as float32; a bigger set buys nothing for a throughput run
@@ -176,31 +180,29 @@ def synthetic_default_model(opts: Optional[SyntheticOptions] = None) -> str:
 # --- registrations ---------------------------------------------------------------------------
 
 _CIFAR_MODELS = ("resnet18_cifar", "small_cnn")
-_LOADERS = "bench.workloads.vision"
+_VISION = "bench.workloads.vision"
 
-register(WorkloadInfo(
-    name="cifar10", description="CIFAR-10 from a local torchvision-format folder; crop+flip augmentation",
-    options=CifarOptions, default_model="resnet18_cifar", models=_CIFAR_MODELS, num_classes=10,
-    sizes=lambda o: (o.num_train, o.num_test), loader=f"{_LOADERS}:load_cifar10"))
-
-register(WorkloadInfo(
-    name="cifar100", description="CIFAR-100 (fine labels) from a local torchvision-format folder",
-    options=Cifar100Options, default_model="resnet18_cifar", models=_CIFAR_MODELS, num_classes=100,
-    sizes=lambda o: (o.num_train, o.num_test), loader=f"{_LOADERS}:load_cifar100"))
-
-register(WorkloadInfo(
-    name="imagenet", description="ImageNet (ImageFolder layout), streamed from disk; 224x224 crops",
-    options=ImageNetOptions, default_model="resnet50", models=("resnet50", "resnet18"), num_classes=1000,
-    sizes=_imagenet_sizes, loader=f"{_LOADERS}:load_imagenet"))
-
-register(WorkloadInfo(
-    name="shapes", description="generated 32x32 shapes and textures, 10 classes, deterministic, offline",
-    options=ShapesOptions, default_model="small_cnn", models=("small_cnn", "resnet18_cifar", "mlp"),
-    num_classes=10, sizes=lambda o: (o.num_train, o.num_test), loader=f"{_LOADERS}:load_shapes"))
-
-register(WorkloadInfo(
-    name="synthetic", description="random tensors for throughput-only runs (no accuracy)",
-    options=SyntheticOptions, default_model=synthetic_default_model(),
-    models=("resnet18_cifar", "resnet18", "resnet50", "small_cnn"), num_classes=10,
-    sizes=lambda o: (o.num_train, o.num_test), loader=f"{_LOADERS}:load_synthetic", has_accuracy=False,
-    seeded=True))
+ENTRIES: tuple[WorkloadInfo, ...] = (
+    WorkloadInfo(
+        name="cifar10", description="CIFAR-10 from a local torchvision-format folder; crop+flip augmentation",
+        options=CifarOptions, default_model="resnet18_cifar", models=_CIFAR_MODELS, num_classes=10,
+        sizes=lambda o: (o.num_train, o.num_test), loader=f"{_VISION}:load_cifar10"),
+    WorkloadInfo(
+        name="cifar100", description="CIFAR-100 (fine labels) from a local torchvision-format folder",
+        options=Cifar100Options, default_model="resnet18_cifar", models=_CIFAR_MODELS, num_classes=100,
+        sizes=lambda o: (o.num_train, o.num_test), loader=f"{_VISION}:load_cifar100"),
+    WorkloadInfo(
+        name="imagenet", description="ImageNet (ImageFolder layout), streamed from disk; 224x224 crops",
+        options=ImageNetOptions, default_model="resnet50", models=("resnet50", "resnet18"), num_classes=1000,
+        sizes=_imagenet_sizes, loader="bench.workloads.imagenet:load_imagenet"),
+    WorkloadInfo(
+        name="shapes", description="generated 32x32 shapes and textures, 10 classes, deterministic, offline",
+        options=ShapesOptions, default_model="small_cnn", models=("small_cnn", "resnet18_cifar", "mlp"),
+        num_classes=10, sizes=lambda o: (o.num_train, o.num_test), loader="bench.workloads.shapes:load_shapes"),
+    WorkloadInfo(
+        name="synthetic", description="random tensors for throughput-only runs (no accuracy)",
+        options=SyntheticOptions, default_model=synthetic_default_model(),
+        models=("resnet18_cifar", "resnet18", "resnet50", "small_cnn"), num_classes=10,
+        sizes=lambda o: (o.num_train, o.num_test), loader=f"{_VISION}:load_synthetic", has_accuracy=False,
+        seeded=True),
+)
