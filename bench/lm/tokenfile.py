@@ -90,8 +90,8 @@ def _map_split(directory: Path, split: str, meta: TokenMeta) -> np.ndarray:
     path = directory / f"{split}.bin"
     dtype = DTYPES[meta.dtype]
     try:
-        # "any": the largest kind safeio bounds; mapping reads no more than a step gathers.
-        with safeio.open_regular(path, "any", root=directory) as fh:
+        # "tokens" (1 TiB): mapped, so no more is read than the steps gather and the check scans.
+        with safeio.open_regular(path, "tokens", root=directory) as fh:
             size = os.fstat(fh.fileno()).st_size
             if size % dtype.itemsize:
                 raise UserError(f"{path}: {size:,} bytes is not a whole number of {meta.dtype} tokens")
