@@ -83,9 +83,10 @@ def _check_results_dir(path: Path) -> None:
 
 def _print_plans(plans) -> None:
     for p in plans:
-        print(f"  {p.run_id}: per-worker {p.per_worker_batch_size} = {p.grad_accum_steps} x "
-              f"{p.micro_batch_size}, {p.steps_per_epoch} steps/epoch x {p.epochs} epochs, "
-              f"peak lr {p.peak_lr:.6g}, warmup {p.warmup_steps} steps")
+        unit = " tokens" if p.batch_unit == "tokens" else ""  # a language model counts its batches in tokens
+        print(f"  {p.run_id}: per-worker {p.per_worker_batch_size}{unit} = {p.grad_accum_steps} x "
+              f"{p.micro_batch_size}, {p.steps_per_epoch} steps/epoch x {p.epochs} epochs"
+              f"{f' ({p.total_steps} steps)' if unit else ''}, peak lr {p.peak_lr:.6g}, warmup {p.warmup_steps} steps")
 
 
 def _dry_run_search(sweep, plans) -> None:
