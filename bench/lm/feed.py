@@ -33,6 +33,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from bench import events as ev
 from bench.lm.batching import (BatchSpec, Pieces, epoch_batches, eval_plan, evenly_spaced, gather,
                                rank_micro_batches, steps_in_epoch, stream_pieces)
 from bench.lm.corpus import LMData, TokenStream
@@ -107,3 +108,18 @@ class LMFeed:
 
     def close(self) -> None:
         self.data = None
+
+
+def run_facts(feed: LMFeed, model: torch.nn.Module) -> list[tuple[str, float]]:
+    """Event lines a language-model run logs at its start beside the hyperparameters: the model's
+    training FLOPs per token (6 N, the basis of model FLOPs utilisation) and, for a generated
+    corpus, the best achievable loss."""
+    from bench.lm.model import train_flops_per_token
+
+    out = []
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None:
+        out.append((ev.MODEL_FLOPS_PER_TOKEN, train_flops_per_token(cfg)))
+    if feed.data is not None and feed.data.entropy_floor_nats is not None:
+        out.append((ev.ENTROPY_FLOOR_NATS, feed.data.entropy_floor_nats))
+    return out

@@ -3,7 +3,8 @@
 Owns: how a global batch counted in tokens splits over workers and micro-batches
 (``split_global_tokens``), how many fixed-context windows a token stream holds, the length
 buckets of variable-length batching and their per-bucket capacities and steps per epoch,
-Kaplan et al.'s critical-batch trend B_crit(L), and model FLOPs utilisation. Every impossible
+Kaplan et al.'s critical-batch trend B_crit(L), and model FLOPs utilisation against a GPU's
+dense bf16 peak (``PEAK_BF16_FLOPS``). Every impossible
 combination raises ``PlanError`` naming the key and the numbers.
 
 Must not import: torch, ray, pandas.
@@ -19,7 +20,6 @@ import math
 from dataclasses import dataclass
 
 from bench.errors import PlanError
-from bench.plan import steps_per_epoch
 
 # Kaplan et al. 2020, "Scaling Laws for Neural Language Models", eq. 1.4 / table 1:
 # B_crit(L) ~ B* / L^(1 / alpha_B), L the loss in nats per token (GPT-2 BPE tokens on WebText2).
@@ -90,9 +90,10 @@ def packed_windows(num_tokens: int, context_length: int) -> int:
 
 def steps_per_epoch_packed(num_tokens: int, split: TokenSplit) -> int:
     """Optimizer steps in one pass over a packed stream (a final partial batch counts when every
-    worker's micro-batches still get a sequence each, as for images)."""
-    return steps_per_epoch(packed_windows(num_tokens, split.context_length), split.global_sequences,
-                           split.num_workers, split.grad_accum_steps)
+    worker's micro-batches still get a sequence each, as ``bench.plan.steps_per_epoch`` counts
+    images): one bucket of full-context windows."""
+    return steps_per_epoch_bucketed((packed_windows(num_tokens, split.context_length),), (split.global_sequences,),
+                                    split.num_workers * split.grad_accum_steps)
 
 
 # --- length buckets ------------------------------------------------------------------------------
@@ -153,6 +154,22 @@ def kaplan_critical_batch_tokens(loss_nats: float, b_star_tokens: float = KAPLAN
     if not loss_nats > 0:
         raise ValueError(f"loss must be > 0 nats, got {loss_nats}")
     return b_star_tokens / loss_nats ** (1.0 / alpha_b)
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets (the sparsity figures halved);
+# matched against torch's device name, the first listed fragment that occurs in it wins.
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+    ("A100", 312e12),
+)
+
+
+def peak_bf16_flops(device_name: str | None) -> float | None:
+    """The GPU's dense bf16 peak, or None for a CPU or a GPU not in ``PEAK_BF16_FLOPS``."""
+    for fragment, flops in PEAK_BF16_FLOPS:
+        if device_name and fragment in device_name:
+            return flops
+    return None
 
 
 def model_flops_utilisation(tokens_per_s: float, flops_per_token: float,

@@ -2,9 +2,10 @@
 
 Owns: ``LMOptions`` (the ``workload_options`` of a ``workload: lm`` sweep, validated with the
 sweep file: a token folder that does not exist or has a bad meta.json is refused there), the
-loader ``load_lm(options, seed)``, the split sizes in tokens (``lm_sizes``), the
-``BatchSpec`` of one run (``batch_spec``) and its steps per epoch (``lm_steps_per_epoch``, what
-the plan needs before any worker starts).
+loader ``load_lm(options, seed)``, the split sizes in tokens (``lm_sizes``), the vocabulary
+without loading (``lm_vocab_size``), the ``BatchSpec`` of one run (``batch_spec``), its steps
+per epoch (``lm_steps_per_epoch``) and the batch shape ``bench.plan`` asks of a global batch in
+tokens (``lm_run_shape``: what the plan needs before any worker starts).
 
 Must not import: torch, ray, pandas (config validation runs without them).
 
@@ -22,9 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bench.errors import PlanError, UserError
 from bench.lm.batching import BatchSpec, Pieces, packed_pieces, steps_in_epoch, stream_pieces
-from bench.lm.corpus import LMData, load_python_docs, load_python_stdlib
+from bench.lm.corpus import BYTE_VOCAB, LMData, load_python_docs, load_python_stdlib
 from bench.lm.markov import load_markov
-from bench.lm.tokenplan import check_bucket_lengths
+from bench.lm.tokenplan import check_bucket_lengths, split_global_tokens
 
 Corpus = Literal["python-docs", "python-stdlib", "markov", "tokens"]
 
@@ -130,3 +131,29 @@ def lm_steps_per_epoch(options: LMOptions, spec: BatchSpec) -> int:
         num_train, _ = lm_sizes(options)
         return steps_in_epoch(packed_pieces(num_train, spec.context_length), spec)
     return steps_in_epoch(_train_pieces(options), spec)
+
+
+def lm_vocab_size(options: LMOptions) -> int:
+    """The corpus's vocabulary, without reading its tokens (the memory probe's classes)."""
+    if options.corpus == "markov":
+        return options.markov.num_states + 1  # + EOT
+    if options.corpus == "tokens":
+        from bench.lm.tokenfile import read_meta
+
+        return read_meta(Path(options.token_dir).expanduser()).vocab_size
+    return BYTE_VOCAB
+
+
+def lm_run_shape(options: LMOptions, global_batch_tokens: int, num_workers: int,
+                 max_micro_batch_tokens: int | None) -> tuple[int, int, int, int]:
+    """(per_worker_tokens, micro_batch_tokens, grad_accum_steps, steps_per_epoch) of a global
+    batch in tokens: whole sequences of context_length per worker and micro-batch
+    (``split_global_tokens``), and the optimizer steps of one epoch as the feed will count them.
+    Raises PlanError with the numbers when they do not divide or no step fits in the corpus."""
+    split = split_global_tokens(global_batch_tokens, options.context_length, num_workers, max_micro_batch_tokens)
+    spec = batch_spec(options, global_batch_tokens, num_workers, split.grad_accum_steps, seed=0)
+    spe = lm_steps_per_epoch(options, spec)  # the same for every seed: it orders batches, never counts them
+    if spe < 1:
+        raise PlanError(f"global_batch_tokens: {global_batch_tokens} tokens do not make one full step of the "
+                        f"{options.corpus} corpus with {options.batching} batching")
+    return split.per_worker_tokens, split.micro_batch_tokens, split.grad_accum_steps, spe
