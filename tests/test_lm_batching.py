@@ -143,6 +143,21 @@ def test_packed_epoch_matches_the_image_arithmetic():
     assert steps_in_epoch(pieces, spec) == steps_per_epoch(50, 6, 2, 1) == 9
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_partial_batches_run_after_the_full_ones(seed):
+    """As an image epoch's partial batch runs last: a token budget that ends mid-epoch trains on
+    full batches only (packed: exactly global_batch_tokens targets per step)."""
+    spec = BatchSpec(context_length=16, global_batch_tokens=16 * 6, num_workers=2, grad_accum_steps=1, seed=seed)
+    sizes = [len(idx) for _, idx in epoch_batches(packed_pieces(16 * 50 + 1, 16), spec, 1)]
+    assert sizes == [6] * 8 + [2]
+    docs = np.cumsum(np.r_[0, np.random.default_rng(seed).integers(1, 60, size=80)])
+    bucketed = BatchSpec(context_length=32, global_batch_tokens=256, num_workers=1, grad_accum_steps=1, seed=seed,
+                         packing=False)
+    batches = epoch_batches(document_pieces(docs[:-1], int(docs[-1]), 32), bucketed, 1)
+    full = [len(idx) == 256 // length for length, idx in batches]
+    assert full == sorted(full, reverse=True) and not all(full)  # every full batch before any partial one
+
+
 def test_epochs_differ_and_repeat_with_the_seed():
     pieces = packed_pieces(64 * 40 + 1, 64)
     spec = BatchSpec(64, 256, 1, 1, seed=1)

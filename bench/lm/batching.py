@@ -20,7 +20,9 @@ Must not import: torch, ray, pandas.
 An epoch (both modes): shuffle the pieces with a generator seeded by (seed, epoch), assign
 each to its bucket, cut each bucket's pieces into global batches in that order, shuffle the
 batches, and drop a bucket's final partial batch when it holds fewer pieces than there are
-micro-batch slots (num_workers x grad_accum_steps). The batches depend on (seed, epoch), the
+micro-batch slots (num_workers x grad_accum_steps). The partial batches that are kept (at most
+one per bucket) run after the full ones, as an image epoch's partial batch runs last: a run cut
+short by a token budget trains on full batches only. The batches depend on (seed, epoch), the
 budget and the buckets only, never on the world size: rank r takes positions r, r + W, ... of
 each batch, so the ranks of a W-worker run together see what one worker sees. Every piece
 is used at most once per epoch, and pieces never share a target, so neither does a token.
@@ -140,7 +142,10 @@ def epoch_batches(pieces: Pieces, spec: BatchSpec, epoch: int) -> list[GlobalBat
         members = perm[bucket == b]
         chunks += [(length, members[i:i + cap]) for i in range(0, len(members), cap)]
     order = rng.permutation(len(chunks))
-    return [chunks[i] for i in order if len(chunks[i][1]) >= spec.min_sequences]
+    capacity = dict(zip(spec.lengths, spec.capacities))
+    full = [chunks[i] for i in order if len(chunks[i][1]) == capacity[chunks[i][0]]]
+    partial = [chunks[i] for i in order if spec.min_sequences <= len(chunks[i][1]) < capacity[chunks[i][0]]]
+    return full + partial
 
 
 def steps_in_epoch(pieces: Pieces, spec: BatchSpec) -> int:
