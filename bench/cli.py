@@ -221,11 +221,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     target = args.target_accuracy
     if target is not None and not (math.isfinite(target) and 0 < target <= 1):
         raise UserError(f"--target-accuracy {target:g}: must be a fraction in (0, 1], e.g. 0.9")
+    loss = args.target_loss
+    if loss is not None and (not (math.isfinite(loss) and loss > 0) or target is not None):
+        raise UserError(f"--target-loss {loss:g}: must be a loss in nats > 0, e.g. 3.0, and not given "
+                        "with --target-accuracy")
     out = Path(args.output)
     _check_output(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        path = write_report(paths, out, target_accuracy=target, title=args.title)
+        path = write_report(paths, out, target_accuracy=target, target_loss=loss, title=args.title)
     except StoreError as err:
         raise UserError(str(err)) from None
     except OSError as err:
@@ -266,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="results folders (several: compared side by side)")
     p.add_argument("-o", "--output", required=True, help="HTML file to write, e.g. reports/seed-blobs.html")
     p.add_argument("--target-accuracy", type=float, help="override the sweeps' target accuracy")
+    p.add_argument("--target-loss", type=float, help="instead, a validation loss target (language models)")
     p.add_argument("--title")
     p.set_defaults(func=cmd_report)
 

@@ -81,14 +81,14 @@ def check_output(out: Path) -> None:
 
 
 def write_report(paths: list[Path], out: Path, *, target_accuracy: float | None = None,
-                 title: str | None = None) -> Path:
+                 title: str | None = None, target_loss: float | None = None) -> Path:
     """Read every run under `paths` (a damaged folder comes back marked, and the store warns),
     render the report and write it atomically to `out`. Returns `out`. A bad output path or
     target raises UserError before anything is read or written."""
     out = Path(out)
     check_target(target_accuracy)
     check_output(out)
-    page = render_report(load_results(paths), target_accuracy=target_accuracy, title=title,
+    page = render_report(load_results(paths), target_accuracy=target_accuracy, target_loss=target_loss, title=title,
                          sources=[str(p) for p in paths])
     try:
         atomic_write_text(out, page)
@@ -253,15 +253,16 @@ def _body(records: list[RunRecord], all_runs: pd.DataFrame) -> list[str]:
 
 
 def render_report(records: list[RunRecord], *, target_accuracy: float | None = None, title: str | None = None,
-                  sources: list[str] | None = None) -> str:
+                  sources: list[str] | None = None, target_loss: float | None = None) -> str:
     """The whole page as a string."""
-    all_runs = an.runs_frame(records, target_accuracy=target_accuracy)
+    all_runs = an.runs_frame(records, target_accuracy=target_accuracy, target_loss=target_loss)
     sweeps = sorted(all_runs["sweep"].unique()) if len(all_runs) else []
     title = title or f"batchscale report: {', '.join(sweeps) or 'no runs'}"
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"<h1>{esc(title)}</h1>",
              f'<p class="meta">Generated {esc(now)} from {esc(", ".join(sources or []) or "records")}'
              + (f"; target accuracy overridden to {esc(target_accuracy)}" if target_accuracy is not None else "")
+             + (f"; target loss overridden to {esc(target_loss)}" if target_loss is not None else "")
              + ".</p>"]
     if not records:
         parts.append('<p class="note">No runs were found in these result folders.</p>')
