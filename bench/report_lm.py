@@ -14,8 +14,8 @@ Owns, for sweeps whose batch unit is the token (workload lm):
   bench.report_tables'), and ``in_tokens``: the shared figures relabelled (global batch in
   tokens, tokens/s).
 
-Crossings are drawn with bench.report_scaling's helpers (first crossing with its resolution,
-sustained hollow, the fit, points left out). Must not import: torch, ray, pyplot, bench.store.
+Crossings are drawn as bench.report_scaling draws them (its ``steps_panel``: first crossing
+with its resolution, sustained hollow, the fit, points left out). Must not import: torch, ray, pyplot, bench.store.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import math
 
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import FuncFormatter
 
 from bench import analysis as an
 from bench import report_figures as rf
@@ -104,12 +105,7 @@ def fig_to_target(runs: pd.DataFrame, speed: pd.DataFrame, fits: dict, style: rf
         return rf.FigureResult("steps", title, None,
                                "No run reached the target loss, so there are no steps- or tokens-to-target to plot.")
     fig, axes = rf.new_figure(2, legend_in=0.8)
-    rs._crossings(axes[0, 0], runs, "steps_to_target", style)
-    rs._plot_fit(axes[0, 0], runs, speed, fits, style)
-    rs._mark_critical(axes.flat, runs, fits)
-    axes[0, 0].set_ylabel("steps to target" + rf.log_y(axes[0, 0], runs["steps_to_target"], force=True))
-    rs._fit_to_data(axes[0, 0], runs)
-    rf.legend_below(fig, axes[0, 0], ncol=4)
+    rs.steps_panel(fig, axes, runs, speed, fits, style)
     rs._crossings(axes[0, 1], runs, "tokens_to_target", style)
     for sweep, fit in fits.items():
         if math.isfinite(fit.get("S_min", math.nan)):
@@ -184,6 +180,8 @@ def fig_noise(noise: pd.DataFrame, runs: pd.DataFrame, fits: dict, style: rf.Sty
                         label=f"fitted B_crit at the target {target:g}" + rf.sweep_label(sweep, len(fits) > 1))
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):  # 2.5, 3, 4: not 3 x 10^0
+        axis(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.invert_xaxis()  # training proceeds to the right, as the loss falls
     ax.set_xlabel("validation loss (nats per token, log; falls to the right)")
     ax.set_ylabel("batch (tokens, log)")

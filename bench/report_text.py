@@ -87,8 +87,9 @@ def run_setup(records: list[RunRecord]) -> dict[str, str]:
     }
     if any(r.plan.get("batch_unit") == "tokens" for r in records):  # a language model: tokens and a loss
         setup.update({"target loss (nats per token)": one("target_loss"), "context length": planned("context_length"),
-                      "global batch sizes": planned("global_batch_size") + " tokens",
-                      "token budget per run": one("max_tokens")})
+                      "global batch sizes": planned("global_batch_size") + " tokens"})
+        if one("max_tokens") != "unknown":
+            setup["token budget per run"] = one("max_tokens")
         if setup["target accuracy"] == "unknown":
             del setup["target accuracy"]
     return setup

@@ -239,3 +239,19 @@ def test_a_tiny_lm_sweep_trains_crosses_its_loss_target_and_reports(tmp_path):
                  "final validation loss"):
         assert text in page
     assert "could not be drawn" not in page
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["report", "{dir}", "-o", "{dir}/r.html", "--target-loss", "0"], "--target-loss 0: must be a loss in nats > 0"),
+    (["report", "{dir}", "-o", "{dir}/r.html", "--target-loss", "3", "--target-accuracy", "0.5"],
+     "--target-loss 3: must be a loss"),
+    (["plan", "{dir}", "--target-loss", "-1"], "--target-loss '-1': out of range; must be a validation loss"),
+    (["plan", "{dir}"], "plan: give one target, --target-accuracy (e.g. 0.93) or --target-loss"),
+    (["plan", "{dir}", "--target-loss", "3", "--target-accuracy", "0.9"], "plan: give one target"),
+])
+def test_a_loss_target_on_the_command_line_is_checked_in_one_line(tmp_path, capsys, argv, message):
+    from bench.cli import main
+
+    assert main([a.format(dir=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("batchscale: error: " + message) and err.count("\n") == 1

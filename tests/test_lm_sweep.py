@@ -154,9 +154,9 @@ def test_registry_names_every_gpt_size_and_the_models_build_them():
 
 def test_the_packaged_sweeps_plan():
     tiny = plan_sweep(load_sweep("lm-tiny")[0])
-    assert [p.global_batch_size for p in tiny] == [1024, 2048, 4096]
+    assert [p.global_batch_size for p in tiny] == [256, 512, 1024, 2048]
     assert all(p.batch_unit == "tokens" and p.context_length == 64 for p in tiny)
-    assert all(p.total_steps * p.global_batch_size == pytest.approx(1e6, rel=0.01) for p in tiny)
+    assert all(p.total_steps * p.global_batch_size == pytest.approx(419_691, rel=0.01) for p in tiny)  # one epoch
     gpu, _ = load_sweep("lm-gpu")
     assert gpu.batch_sizes[0] == 2**15 and gpu.batch_sizes[-1] == 2**20 and gpu.micro_batch_cap == "auto"
 
@@ -178,7 +178,7 @@ def test_dry_run_prints_batches_in_tokens(capsys):
 
     assert main(["run", "lm-tiny", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "per-worker 1024 tokens = 1 x 1024" in out and "(977 steps)" in out
+    assert "per-worker 2048 tokens = 4 x 512" in out and "(205 steps)" in out
 
 
 def test_sweep_file_docs_name_the_lm_keys():

@@ -11,7 +11,11 @@ Owns nothing itself; the parts are
 - ``bench.lm.batching``: packing, length buckets, per-epoch global batches, rank shares;
 - ``bench.lm.feed``: ``LMFeed``, which the worker drives like ``bench.feed.MemoryFeed``;
 - ``bench.lm.workload``: ``LMOptions`` (the sweep's ``workload_options``), the loader, sizes in
-  tokens and the plan's steps per epoch.
+  tokens, the vocabulary, and the batch shape and steps per epoch ``bench.plan`` asks for.
+
+Outside the package: the registry entry (``bench.workloads.lm_catalog``), the GPT names in
+``bench.models``, results (``bench.analysis_lm``), the report (``bench.report_lm``) and the
+overhead preset (``bench.perf.overhead_lm``).
 
 docs/language-models.md describes the workload for users.
 

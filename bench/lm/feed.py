@@ -15,6 +15,9 @@ Owns: ``LMFeed``, the LM counterpart of ``bench.feed.MemoryFeed`` with the same 
 - ``input_shape`` = (T,), ``num_classes`` = the vocabulary, ``channels_last`` = False,
   ``steps_per_epoch``, ``close()``.
 
+Also ``run_facts``: the event lines a token run logs at its start (FLOPs per token, the corpus's
+entropy floor). ``bench.feed.make_feed`` builds an LMFeed for ``LMData``.
+
 "Samples" are tokens (targets) for an LM: ``train_eval_samples`` and every ``num_global``
 count targets, so the worker's samples_count is tokens seen.
 

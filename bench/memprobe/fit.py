@@ -279,7 +279,8 @@ def micro_batch_for_auto(sweep, results_dir: str | Path = "results", *,
     on the other kind of device than ``use_gpu`` says the run will use, or found that nothing fits."""
     path = default_output(sweep, results_dir)
     if not path.is_file():
-        raise ProbeMismatch(f"max_micro_batch_size: auto needs a memory probe; run `batchscale probe-memory "
+        key = "max_micro_batch_tokens" if sweep.batch_unit == "tokens" else "max_micro_batch_size"
+        raise ProbeMismatch(f"{key}: auto needs a memory probe; run `batchscale probe-memory "
                             f"{sweep.name} --results-dir {results_dir}` on the machine the sweep will run on "
                             f"first (no {path})")
     try:

@@ -80,6 +80,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def is_lm(params: dict[str, Any]) -> bool:
+    """A GPT (bench.perf.overhead_lm's sides, in tokens) rather than an image model."""
+    return params.get("model") in GPT_SIZES
+
+
 # --- the plain loop (also used by bench.perf.throughput) -------------------------------------
 
 @dataclass
@@ -141,7 +146,7 @@ def run_plain(params: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(int(params["threads"]))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    lm = params.get("workload") == "lm"
+    lm = is_lm(params)
     s = PlainStep(*overhead_lm.plain_lm_step(params, device)) if lm else \
         plain_step(params["model"], params["image_size"], params["micro_batch_size"], device)
     steps = params["steps"]
@@ -182,7 +187,7 @@ def sweep_for(params: dict[str, Any], name: str):
     start and the end, so epoch 2 is steady state."""
     from bench.config import SweepConfig
 
-    if params.get("workload") == "lm":
+    if is_lm(params):
         return overhead_lm.lm_sweep_for(params, name)
     on_cuda = params["device"] == "cuda"
     batch, steps = params["micro_batch_size"], params["steps"]
@@ -235,7 +240,7 @@ def run_batchscale(params: dict[str, Any], results_root: Path, name: str) -> dic
     if status != "success":
         raise RuntimeError(f"batchscale run {run_id} ended {status}: {summary.failure if summary else None}")
     samples_per_s, seconds, samples = epoch_throughput(ev.read_events(run_dir / "events.jsonl"), 2)
-    per_step = overhead_lm.tokens_per_step(params) if params.get("workload") == "lm" else params["micro_batch_size"]
+    per_step = overhead_lm.tokens_per_step(params) if is_lm(params) else params["micro_batch_size"]
     expected = params["steps"] * per_step
     if samples != expected:
         raise RuntimeError(f"epoch 2 trained {samples} samples, expected {expected}")
