@@ -359,7 +359,8 @@ def _token_dir_beside(data: dict[str, Any], path: Path) -> None:
     current directory of whichever process reads it)."""
     options = data.get("workload_options")
     token_dir = options.get("token_dir") if isinstance(options, dict) else None
-    if data.get("workload") in TOKEN_WORKLOADS and isinstance(token_dir, str) \
+    workload = data.get("workload")
+    if isinstance(token_dir, str) and isinstance(workload, str) and workload in TOKEN_WORKLOADS \
             and not Path(token_dir).expanduser().is_absolute():
         options["token_dir"] = str((path.parent / token_dir).resolve())
 

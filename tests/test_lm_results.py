@@ -255,3 +255,13 @@ def test_a_loss_target_on_the_command_line_is_checked_in_one_line(tmp_path, caps
     assert main([a.format(dir=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("batchscale: error: " + message) and err.count("\n") == 1
+
+
+def test_a_submissions_seed_check_reads_a_token_sweeps_batches():
+    """bench.compliance listed the declared batches from global_batch_sizes, None for an lm sweep."""
+    from bench.compliance import _seed_problems
+
+    rec = record(plan={"global_batch_size": 256, "num_workers": 1, "seed": 0},
+                 config={"global_batch_sizes": None, "global_batch_tokens": [256, 512], "seeds": [0]})
+    assert _seed_problems([rec]) == ["sweep s: global batch 512 x 1 worker(s): 0 of 1 declared seeds present "
+                                     "(missing seeds [0])"]

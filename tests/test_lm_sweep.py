@@ -144,7 +144,10 @@ def test_registry_names_every_gpt_size_and_the_models_build_them():
     from bench.workloads.lm_catalog import GPT_MODELS
 
     info = get("lm")
+    from bench.lm.corpus import BYTE_VOCAB
+
     assert info.models == GPT_MODELS == tuple(SIZES) and info.default_model == "gpt-tiny"
+    assert info.num_classes == BYTE_VOCAB and info.sizes(info.options()) == (419_691, 46_505)  # python-docs
     model = build_model("gpt-tiny", (64,), 257)
     assert model.cfg.context_length == 64 and model.cfg.vocab_size == 257
     with pytest.raises(ValueError, match="gpt-tiny needs token inputs"):
@@ -186,3 +189,26 @@ def test_sweep_file_docs_name_the_lm_keys():
     for key in ("global_batch_tokens", "max_micro_batch_tokens", "max_tokens", "target_loss", "min_lr_ratio",
                 "warmup_from"):
         assert key in text
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("global_batch_tokens", "[1024]", "global_batch_tokens: Input should be a valid list"),
+    ("global_batch_tokens", [1.5], "global_batch_tokens[0]: Input should be a valid integer"),
+    ("global_batch_tokens", [0], "global_batch_tokens: values must be unique integers in 1..2147483648"),
+    ("target_loss", "3", "target_loss: Input should be a valid number"),
+    ("target_loss", float("nan"), "target_loss: Input should be a finite number"),
+    ("max_tokens", -1, "max_tokens: Input should be greater than 0"),
+    ("max_micro_batch_tokens", "half", "max_micro_batch_tokens: must be a whole number or 'auto'"),
+    ("lr", {"reference_lr": 1e-3, "reference_batch_size": 64, "min_lr_ratio": 1.0}, "lr.min_lr_ratio: Input should be less than 1"),
+    ("lr", {"reference_lr": 1e-3, "reference_batch_size": 64, "warmup_from": "one"}, "lr.warmup_from: Input should be"),
+    ("workload_options", {"context_length": "64"}, "workload_options: context_length: Input should be a valid integer"),
+])
+def test_a_bad_lm_key_is_one_line_naming_it(tmp_path, key, value, message):
+    import yaml
+
+    data = {**LM, key: value}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path)
+    assert str(err.value).startswith(f"{path}: {message}") and "\n" not in str(err.value)

@@ -10,8 +10,10 @@ Owns nothing itself; the parts are
 - ``bench.lm.tokenplan``: pure token arithmetic (batch split, windows, buckets, Kaplan's B_crit);
 - ``bench.lm.batching``: packing, length buckets, per-epoch global batches, rank shares;
 - ``bench.lm.feed``: ``LMFeed``, which the worker drives like ``bench.feed.MemoryFeed``;
-- ``bench.lm.workload``: ``LMOptions`` (the sweep's ``workload_options``), the loader, sizes in
-  tokens, the vocabulary, and the batch shape and steps per epoch ``bench.plan`` asks for.
+- ``bench.lm.options``: ``LMOptions`` (the sweep's ``workload_options``; numpy-free, as config
+  validation imports it) and the vocabulary without loading;
+- ``bench.lm.workload``: the loader, sizes in tokens, and the batch shape and steps per epoch
+  ``bench.plan`` asks for.
 
 Outside the package: the registry entry (``bench.workloads.lm_catalog``), the GPT names in
 ``bench.models``, results (``bench.analysis_lm``), the report (``bench.report_lm``) and the

@@ -51,7 +51,7 @@ def input_spec(sweep, seed: int = 0) -> InputSpec:
     from bench.workloads.data import Data
 
     if sweep.batch_unit == "tokens":  # a micro-batch of n sequences of T token ids; tokens stay on the host
-        from bench.lm.workload import lm_vocab_size
+        from bench.lm.options import lm_vocab_size
 
         return InputSpec((sweep.options.context_length,), lm_vocab_size(sweep.options), "none", False, tokens=True)
     options = sweep.options
