@@ -15,8 +15,7 @@ from bench.lm.feed import LMFeed
 from bench.lm.markov import (MarkovChain, document_chain, entropy_nats, load_markov, markov_token_chain,
                              random_transition, sample_documents)
 from bench.lm.model import build_gpt
-from bench.step import TrainStep
-from bench.worker import WorkerContext, evaluate
+from bench.step import TrainStep, evaluate
 
 
 def binary_entropy(p: float) -> float:
@@ -83,7 +82,7 @@ STEPS, PEAK_LR, WARMUP = 100, 1e-2, 10  # AdamW, linear warmup then cosine to 0
 
 def val_loss(model, feed) -> float:
     """The worker's own evaluation (next-token accuracy and mean loss over non-padding targets)."""
-    _, loss = evaluate(model, feed.eval_batches("val"), WorkerContext(), contextlib.nullcontext, torch.device("cpu"))
+    _, loss = evaluate(model, feed.eval_batches("val"), False, contextlib.nullcontext, torch.device("cpu"))
     return loss
 
 
