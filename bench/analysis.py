@@ -5,7 +5,9 @@ sustained steps/epochs/samples/time-to-target with their resolutions (bench.cros
 wording and memory figures (bench.run_facts), hardware warnings (bench.provenance)), per-eval
 learning curves, the applied LR schedule, telemetry as numbers, seed statistics (mean, std, n,
 MLPerf olympic mean), the per-batch summary table, scaling regimes, steps speed-up and
-throughput scaling efficiency. The steps(B) fit lives in bench.fit (re-exported here).
+throughput scaling efficiency. The steps(B) fit lives in bench.fit (re-exported here); what only
+a language model's runs have (a loss target, token columns, the noise scale through training)
+in bench.analysis_lm.
 
 Input is ``bench.records.RunRecord`` values (the caller loads them); nothing here knows a file
 path. Must not import: torch, ray, matplotlib, seaborn.
@@ -23,7 +25,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from bench import crossing
+from bench import analysis_lm, crossing
 from bench import events as ev
 from bench.fit import NOISE_AGREEMENT, critical_batch, fit_steps_curve, fit_sweep  # noqa: F401 (re-exported)
 from bench.provenance import hardware_mismatches
@@ -37,7 +39,7 @@ RUN_COLUMNS = [
     "epochs_to_target", "steps_to_target", "time_to_target_s", "train_time_s", "samples_per_s", "status",
 ]
 # --all-columns: after RUN_COLUMNS, these first (first and sustained crossings side by side)
-LEAD_COLUMNS = [*crossing.columns(), "target_hold_evals", "target_accuracy", "failure_reason", "failure_lr",
+LEAD_COLUMNS = [*crossing.columns(), "target_hold_evals", "target_accuracy", "target_loss", "failure_reason", "failure_lr",
                 "failure_peak_lr", "failure_in_warmup", "failure_before_peak", "train_peak_allocated_gib",
                 "train_peak_reserved_gib", "memory_source", "nvml_peak_gib", "nvml_baseline_gib", "nvml_peak_above_baseline_gib",
                 "hardware_warnings"]
@@ -110,9 +112,9 @@ def evaluations(record: RunRecord) -> list[dict[str, float]]:
 
 
 def target_of(record: RunRecord, override: float | None = None) -> float:
-    if override is not None:
-        return float(override)
-    return to_float((record.config or {}).get("target_accuracy", _summary_dict(record).get("target_accuracy")))
+    """The run's target accuracy (NaN for a run with a loss target: bench.analysis_lm.target_spec)."""
+    metric, value = analysis_lm.target_spec(record, override)
+    return value if metric == "accuracy" else math.nan
 
 
 def hold_evals_of(record: RunRecord) -> int:
@@ -121,13 +123,13 @@ def hold_evals_of(record: RunRecord) -> int:
     return int(value) if isinstance(value, int) and value >= 1 else crossing.DEFAULT_HOLD_EVALS
 
 
-def _last_fluctuation(evals: list[dict[str, float]]) -> float:
-    """Std (ddof 1) of test accuracy over the evaluations in the last 20 % of epochs; NaN if < 2."""
+def _last_fluctuation(evals: list[dict[str, float]], key: str = "test_acc") -> float:
+    """Std (ddof 1) of test accuracy (or ``key``) over the evaluations in the last 20 % of epochs; NaN if < 2."""
     trained = [e for e in evals if e["epoch"] > 0]
     if not trained:
         return math.nan
     last_epoch = max(e["epoch"] for e in trained)
-    values = [e["test_acc"] for e in trained if e["epoch"] > (1 - LAST_FRACTION) * last_epoch]
+    values = [e[key] for e in trained if e["epoch"] > (1 - LAST_FRACTION) * last_epoch]
     values = [v for v in values if not math.isnan(v)]
     return float(np.std(values, ddof=1)) if len(values) >= 2 else math.nan
 
@@ -158,29 +160,35 @@ def _summary_values(record: RunRecord, evals: list[dict[str, float]]) -> dict[st
             "telemetry_kind": telemetry.get("kind"), "telemetry_error": telemetry.get("error")}
 
 
-def run_row(record: RunRecord, target_accuracy: float | None = None) -> dict[str, Any]:
+def run_row(record: RunRecord, target_accuracy: float | None = None, target_loss: float | None = None) -> dict[str, Any]:
     """Everything known about one run, flat. Final values come from summary.json only
-    (NaN for incomplete runs); best and to-target values from the event log."""
+    (NaN for incomplete runs); best and to-target values from the event log. A target override
+    (accuracy or loss) replaces the run's own."""
     evals = evaluations(record)
-    target, hold = target_of(record, target_accuracy), hold_evals_of(record)
+    (metric, target), hold = analysis_lm.target_spec(record, target_accuracy, target_loss), hold_evals_of(record)
     plan = record.plan or {}
     at = failure_lr(record)
-    row = {**_identity(record), **_summary_values(record, evals), **crossing.crossings(evals, target, hold_evals=hold),
+    row = {**_identity(record), **_summary_values(record, evals),
+           **crossing.crossings(evals, target, hold_evals=hold, metric=metric),
            "status": record.status, "test_acc_std_last_k": _last_fluctuation(evals),
-           "micro_batch_size": plan.get("micro_batch_size"), "model": plan.get("model"),
-           "target_accuracy": target, "target_hold_evals": hold, "failure_reason": describe_failure(record),
+           "test_loss_std_last_k": _last_fluctuation(evals, "test_loss"), "batch_unit": plan.get("batch_unit", "samples"),
+           "micro_batch_size": plan.get("micro_batch_size"), "model": plan.get("model"), "target_metric": metric,
+           "target_accuracy": target if metric == "accuracy" else math.nan,
+           "target_loss": target if metric == "loss" else math.nan,
+           "target_hold_evals": hold, "failure_reason": describe_failure(record),
            "failure_lr": at.get("lr", math.nan), "failure_peak_lr": at.get("peak_lr", math.nan),
            "failure_in_warmup": at.get("in_warmup"), "failure_before_peak": at.get("before_peak"),
            **memory_figures(record),
            "hardware_warnings": "; ".join(hardware_mismatches(record)) or None,
            "noise_scale_b_simple": _noise_scale(record), "num_evals": len(evals),
            "steps_per_epoch": plan.get("steps_per_epoch"), "cluster": (record.cluster or {}).get("name")}
-    return row
+    return {**row, **analysis_lm.token_columns(record, row)}
 
 
-def runs_frame(records: Iterable[RunRecord], *, target_accuracy: float | None = None) -> pd.DataFrame:
+def runs_frame(records: Iterable[RunRecord], *, target_accuracy: float | None = None,
+               target_loss: float | None = None) -> pd.DataFrame:
     """One row per run: RUN_COLUMNS first, then LEAD_COLUMNS, then the rest. Never drops a run."""
-    rows = [run_row(r, target_accuracy) for r in records]
+    rows = [run_row(r, target_accuracy, target_loss) for r in records]
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=RUN_COLUMNS)
@@ -297,7 +305,8 @@ def seed_stats(df: pd.DataFrame, value_col: str, by: Sequence[str] = GROUP_KEYS,
 _TABLE_STATS = ("final_train_acc", "final_test_acc", "gap_acc", "steps_to_target", "epochs_to_target",
                 "time_to_target_s", "steps_to_target_sustained", "epochs_to_target_sustained",
                 "time_to_target_sustained_s", "steps_to_target_resolution", "epochs_to_target_resolution",
-                "samples_per_s", "test_acc_std_last_k", "noise_scale_b_simple")
+                "samples_per_s", "test_acc_std_last_k", "noise_scale_b_simple",
+                "final_test_loss", "samples_to_target", "samples_to_target_sustained", "test_loss_std_last_k", "mfu")
 
 
 def batch_table(runs_df: pd.DataFrame) -> pd.DataFrame:

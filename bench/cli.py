@@ -83,9 +83,10 @@ def _check_results_dir(path: Path) -> None:
 
 def _print_plans(plans) -> None:
     for p in plans:
-        print(f"  {p.run_id}: per-worker {p.per_worker_batch_size} = {p.grad_accum_steps} x "
-              f"{p.micro_batch_size}, {p.steps_per_epoch} steps/epoch x {p.epochs} epochs, "
-              f"peak lr {p.peak_lr:.6g}, warmup {p.warmup_steps} steps")
+        unit = " tokens" if p.batch_unit == "tokens" else ""  # a language model counts its batches in tokens
+        print(f"  {p.run_id}: per-worker {p.per_worker_batch_size}{unit} = {p.grad_accum_steps} x "
+              f"{p.micro_batch_size}, {p.steps_per_epoch} steps/epoch x {p.epochs} epochs"
+              f"{f' ({p.total_steps} steps)' if unit else ''}, peak lr {p.peak_lr:.6g}, warmup {p.warmup_steps} steps")
 
 
 def _dry_run_search(sweep, plans) -> None:
@@ -220,11 +221,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     target = args.target_accuracy
     if target is not None and not (math.isfinite(target) and 0 < target <= 1):
         raise UserError(f"--target-accuracy {target:g}: must be a fraction in (0, 1], e.g. 0.9")
+    loss = args.target_loss
+    if loss is not None and (not (math.isfinite(loss) and loss > 0) or target is not None):
+        raise UserError(f"--target-loss {loss:g}: must be a loss in nats > 0, e.g. 3.0, and not given "
+                        "with --target-accuracy")
     out = Path(args.output)
     _check_output(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        path = write_report(paths, out, target_accuracy=target, title=args.title)
+        path = write_report(paths, out, target_accuracy=target, target_loss=loss, title=args.title)
     except StoreError as err:
         raise UserError(str(err)) from None
     except OSError as err:
@@ -265,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="results folders (several: compared side by side)")
     p.add_argument("-o", "--output", required=True, help="HTML file to write, e.g. reports/seed-blobs.html")
     p.add_argument("--target-accuracy", type=float, help="override the sweeps' target accuracy")
+    p.add_argument("--target-loss", type=float, help="instead, a validation loss target (language models)")
     p.add_argument("--title")
     p.set_defaults(func=cmd_report)
 

@@ -297,7 +297,7 @@ def _seed_problems(records: Sequence[records.RunRecord]) -> list[str]:
         cfg = runs[0].config
         have = {(r.plan.get("global_batch_size"), r.plan.get("num_workers"), r.plan.get("seed")) for r in runs}
         seeds = list(cfg.get("seeds", [0]))
-        for b in cfg.get("global_batch_sizes", []):
+        for b in cfg.get("global_batch_sizes") or cfg.get("global_batch_tokens") or []:  # lm: tokens
             for w in cfg.get("num_workers", [1]):
                 missing = [s for s in seeds if (b, w, s) not in have]
                 if missing:

@@ -40,6 +40,8 @@ MAX_YAML_VALUES = 10_000  # a sweep file has a few hundred; a flat list of 300,0
 MAX_EPOCHS = 100_000
 MAX_CONCURRENT_RUNS = 4096
 MIN_LR_TRIALS, MAX_LR_TRIALS = 3, 32  # LRs per batch in an lr_search (the rule's counts for factors)
+MAX_BATCH_TOKENS = 2**31  # a global batch in tokens (GPT-3 trained at 3.2 M)
+TOKEN_WORKLOADS = frozenset({"lm"})  # workloads whose batch unit is the token (docs/language-models.md)
 
 
 
@@ -66,7 +68,12 @@ class LRConfig(StrictModel):
     scaling: Literal["linear", "sqrt", "none"] = "linear"
     warmup_epochs: Float = Field(0.0, ge=0.0, le=10_000.0)
     warmup_steps: Optional[Int] = Field(None, ge=0, le=100_000_000, description="overrides warmup_epochs")
-    schedule: Literal["constant", "step", "cosine"] = "constant"
+    schedule: Literal["constant", "step", "cosine", "linear"] = "constant"
+    # cosine / linear decay towards min_lr_ratio x the peak LR (0: to zero) at the last step
+    min_lr_ratio: Float = Field(0.0, ge=0.0, lt=1.0)
+    # warmup starts at min(reference_lr, peak LR) (Goyal et al.), or at zero (usual for Adam on
+    # transformers: the first step then only primes Adam's moments)
+    warmup_from: Literal["reference", "zero"] = "reference"
     step_milestones_epochs: tuple[Float, ...] = ()  # schedule: step
     step_gamma: Float = Field(0.1, gt=0.0, le=1.0)
 
@@ -132,13 +139,22 @@ class SweepConfig(StrictModel):
     label_smoothing: Float = Field(0.0, ge=0.0, lt=1.0)
     epochs: Int = Field(gt=0, le=MAX_EPOCHS)
     max_steps: Optional[Int] = Field(None, gt=0, le=100_000_000, description="step budget; stops earlier")
-    global_batch_sizes: list[Int] = Field(min_length=1, max_length=64)
+    # Samples per optimizer step; workload lm counts tokens instead, in global_batch_tokens
+    # (exactly one of the two, as the workload's batch unit says: SweepConfig.batch_sizes).
+    global_batch_sizes: Optional[list[Int]] = Field(None, min_length=1, max_length=64)
+    global_batch_tokens: Optional[list[Int]] = Field(None, min_length=1, max_length=64,
+                                                     description="lm: tokens (targets) per optimizer step")
     num_workers: list[Int] = Field([1], min_length=1, max_length=16)
     seeds: list[Int] = Field([0], min_length=1, max_length=100)
     # A micro-batch cap (gradient accumulation above it), or auto: the memory probe's choice per
     # per-worker batch (bench.memprobe.resolve_micro_batch reads results/<sweep>/memory-probe.json).
     max_micro_batch_size: IntOrAuto = None
-    target_accuracy: Float = Field(gt=0.0, le=1.0, description="test accuracy that counts as reached")
+    max_micro_batch_tokens: IntOrAuto = None  # lm: the same cap in tokens (whole sequences of context_length)
+    max_tokens: Optional[Int] = Field(None, gt=0, le=10**13, description="lm: per-run token budget; stops earlier")
+    # The target: a test accuracy reached (>=), or for a language model a validation loss in nats
+    # per token reached (<=); exactly one of the two.
+    target_accuracy: Optional[Float] = Field(None, gt=0.0, le=1.0, description="test accuracy that counts as reached")
+    target_loss: Optional[Float] = Field(None, gt=0.0, le=1000.0, description="validation loss (nats) reached")
     eval_every_epochs: Int = Field(1, gt=0, le=100_000)
     # Evaluate every N optimizer steps instead of at epoch ends (the resolution of steps-to-target
     # is the interval before the crossing). auto: at geometrically spaced steps, EVALS_PER_DOUBLING
@@ -168,9 +184,15 @@ class SweepConfig(StrictModel):
     def _safe_name(cls, v: str) -> str:
         return check_name(v, "sweep name")
 
-    @field_validator("global_batch_sizes", "num_workers")
+    @field_validator("global_batch_sizes", "global_batch_tokens", "num_workers")
     @classmethod
-    def _positive_unique(cls, v: list[int]) -> list[int]:
+    def _positive_unique(cls, v: list[int] | None, info: Any) -> list[int] | None:
+        if v is None:
+            return v
+        if info.field_name == "global_batch_tokens":
+            if any(not 1 <= b <= MAX_BATCH_TOKENS for b in v) or len(set(v)) != len(v):
+                raise ValueError(f"values must be unique integers in 1..{MAX_BATCH_TOKENS}")
+            return sorted(v)
         if any(b < 1 for b in v):
             raise ValueError("every value must be >= 1")
         if any(b > 10_000_000 for b in v):
@@ -186,7 +208,7 @@ class SweepConfig(StrictModel):
             raise ValueError("seeds must be unique integers in 0..2147483647")
         return v
 
-    @field_validator("eval_every_steps", "max_micro_batch_size", mode="before")
+    @field_validator("eval_every_steps", "max_micro_batch_size", "max_micro_batch_tokens", mode="before")
     @classmethod
     def _int_or_auto(cls, v: Any) -> Any:
         return int_or_auto(v)
@@ -221,12 +243,44 @@ class SweepConfig(StrictModel):
                                  f"({', '.join(map(str, self.seeds))})")
         return self
 
-    @field_validator("max_micro_batch_size")
+    @field_validator("max_micro_batch_size", "max_micro_batch_tokens")
     @classmethod
-    def _micro(cls, v: Any) -> Any:
-        if isinstance(v, int) and not 1 <= v <= 10_000_000:
-            raise ValueError("must be 1..10000000 or 'auto'")
+    def _micro(cls, v: Any, info: Any) -> Any:
+        top = MAX_BATCH_TOKENS if info.field_name == "max_micro_batch_tokens" else 10_000_000
+        if isinstance(v, int) and not 1 <= v <= top:
+            raise ValueError(f"must be 1..{top} or 'auto'")
         return v
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "SweepConfig":
+        if (self.target_accuracy is None) == (self.target_loss is None):
+            raise ValueError("give one target: target_accuracy (a test accuracy in (0, 1]) or target_loss "
+                             "(a validation loss in nats, e.g. 3.0)")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_unit(self) -> "SweepConfig":
+        """Samples or tokens, as the workload counts them: each key only where it means something."""
+        tokens = self.batch_unit == "tokens"
+        mine, other = ("global_batch_tokens", "global_batch_sizes") if tokens else ("global_batch_sizes",
+                                                                                     "global_batch_tokens")
+        if getattr(self, other) is not None:
+            raise ValueError(f"{other}: not for workload {self.workload!r}, which counts its batches in "
+                             f"{self.batch_unit}; use {mine}")
+        if getattr(self, mine) is None:
+            raise ValueError(f"{mine}: required for workload {self.workload!r} (its batch unit is {self.batch_unit})")
+        spelled = ("max_micro_batch_tokens", "max_tokens") if not tokens else ("max_micro_batch_size",)
+        for key in spelled:
+            if getattr(self, key) is not None:
+                raise ValueError(f"{key}: not for workload {self.workload!r}"
+                                 + ("; use max_micro_batch_tokens" if tokens else " (language models only)"))
+        if self.target_loss is not None and self.lr_search is not None:
+            raise ValueError("lr_search: chooses on steps to a target accuracy and final accuracy; not yet "
+                             "available with target_loss")
+        if tokens and self.noise_scale_every_steps and self.workload_options.get("batching") == "bucket":
+            raise ValueError("noise_scale_every_steps: needs equal micro-batches, which length-bucketed batching "
+                             "does not give (use workload_options.batching: pack)")
+        return self
 
     @model_validator(mode="after")
     def _workload(self) -> "SweepConfig":
@@ -243,6 +297,26 @@ class SweepConfig(StrictModel):
         return self
 
     # --- derived ------------------------------------------------------------------------
+    @property
+    def batch_unit(self) -> str:
+        """What a global batch counts: "tokens" (workload lm) or "samples"."""
+        return "tokens" if self.workload in TOKEN_WORKLOADS else "samples"
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """The global batches, in the workload's batch unit."""
+        return list(self.global_batch_tokens if self.batch_unit == "tokens" else self.global_batch_sizes)
+
+    @property
+    def micro_batch_cap(self) -> int | str | None:
+        """max_micro_batch_tokens for a token workload, else max_micro_batch_size."""
+        return self.max_micro_batch_tokens if self.batch_unit == "tokens" else self.max_micro_batch_size
+
+    @property
+    def target(self) -> tuple[str, float]:
+        """("accuracy", value) or ("loss", value)."""
+        return ("loss", self.target_loss) if self.target_loss is not None else ("accuracy", self.target_accuracy)
+
     @property
     def model_name(self) -> str:
         return self.model or workloads.get(self.workload).default_model
@@ -292,9 +366,21 @@ def resolve_sweep_path(name_or_path: str) -> Path:
     raise ConfigError(f"{name_or_path}: no such sweep file, and no packaged sweep of that name (packaged: {known})")
 
 
+def _token_dir_beside(data: dict[str, Any], path: Path) -> None:
+    """A relative workload_options.token_dir is taken from the sweep file's folder (not from the
+    current directory of whichever process reads it)."""
+    options = data.get("workload_options")
+    token_dir = options.get("token_dir") if isinstance(options, dict) else None
+    workload = data.get("workload")
+    if isinstance(token_dir, str) and isinstance(workload, str) and workload in TOKEN_WORKLOADS \
+            and not Path(token_dir).expanduser().is_absolute():
+        options["token_dir"] = str((path.parent / token_dir).resolve())
+
+
 def load_sweep(name_or_path: str | Path) -> tuple[SweepConfig, Path]:
     path = resolve_sweep_path(str(name_or_path))
     data = read_yaml(path)
+    _token_dir_beside(data, path)
     try:
         return SweepConfig.model_validate(data), path
     except ValidationError as err:

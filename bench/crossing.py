@@ -1,15 +1,17 @@
-"""When a run reached its target accuracy: first and sustained crossings, each with its resolution.
+"""When a run reached its target: first and sustained crossings, each with its resolution.
 
-Owns: the definitions of every *-to-target value (docs/results.md says them in words):
+Owns: the definitions of every *-to-target value (docs/results.md says them in words). A target
+is a test accuracy (reached when the accuracy is >= it) or, for a language model, a validation
+loss (reached when the loss is <= it); "reaches" below means whichever applies:
 
-- **first crossing** (MLPerf; Shallue et al. 2018): the first evaluation whose test accuracy is
-  >= the target;
+- **first crossing** (MLPerf; Shallue et al. 2018): the first evaluation that reaches the target;
 - **sustained crossing**: the first evaluation that starts a run of ``hold_evals`` consecutive
-  evaluations all >= the target (the sweep's ``target_hold_evals``, default 3). A run whose
+  evaluations that all reach the target (the sweep's ``target_hold_evals``, default 3). A run whose
   streak is cut short by its end has no sustained crossing (it was not seen to hold);
 - **resolution** of either: the interval between that evaluation and the evaluation before it
   (the start of training when there is none). The true crossing lies in (previous, crossing];
-- **ends below target**: the run crossed once but its last evaluation is below the target.
+- **ends below target**: the run crossed once but its last evaluation no longer reaches the
+  target (for a loss target: ends above it).
 
 Each crossing is reported in steps (optimizer steps done), samples (training samples consumed),
 epochs (samples / training-set size: fractional for step-based evaluation, the whole epoch for
@@ -55,20 +57,29 @@ def columns() -> list[str]:
     return out + ["elapsed_to_target_s", "elapsed_to_target_sustained_s", "ends_below_target"]
 
 
-def first_index(accs: Sequence[float], target: float) -> int | None:
-    """Index of the first evaluation with accuracy >= target (NaN never counts)."""
+METRIC_KEY = {"accuracy": "test_acc", "loss": "test_loss"}  # target metric -> evaluation key
+
+
+def reaches(value: float, target: float, lower_is_better: bool = False) -> bool:
+    """value >= target (accuracy), or value <= target (loss); NaN never reaches."""
+    return value <= target if lower_is_better else value >= target
+
+
+def first_index(accs: Sequence[float], target: float, *, lower_is_better: bool = False) -> int | None:
+    """Index of the first evaluation that reaches the target (NaN never counts)."""
     if math.isnan(target):
         return None
-    return next((i for i, a in enumerate(accs) if a >= target), None)
+    return next((i for i, a in enumerate(accs) if reaches(a, target, lower_is_better)), None)
 
 
-def sustained_index(accs: Sequence[float], target: float, hold_evals: int) -> int | None:
-    """Index of the first evaluation that starts ``hold_evals`` consecutive evaluations >= target."""
+def sustained_index(accs: Sequence[float], target: float, hold_evals: int, *,
+                    lower_is_better: bool = False) -> int | None:
+    """Index of the first evaluation that starts ``hold_evals`` consecutive evaluations reaching the target."""
     if math.isnan(target) or hold_evals < 1:
         return None
     streak = 0
     for i, a in enumerate(accs):
-        streak = streak + 1 if a >= target else 0
+        streak = streak + 1 if reaches(a, target, lower_is_better) else 0
         if streak == hold_evals:
             return i - hold_evals + 1
     return None
@@ -88,13 +99,16 @@ def _at(evals: Sequence[dict], index: int | None, *, sustained: bool) -> dict[st
     return out
 
 
-def crossings(evals: Sequence[dict], target: float, *, hold_evals: int = DEFAULT_HOLD_EVALS) -> dict:
+def crossings(evals: Sequence[dict], target: float, *, hold_evals: int = DEFAULT_HOLD_EVALS,
+              metric: str = "accuracy") -> dict:
     """First and sustained crossing of ``target`` with their resolutions, and whether the run ends
-    below a target it once reached. ``evals`` are in training order, each with the keys step,
-    epoch, samples, train_time_s, elapsed_s and test_acc. Unknown (never reached) is NaN."""
-    accs = [e["test_acc"] for e in evals]
-    first = first_index(accs, target)
-    held = sustained_index(accs, target, hold_evals)
-    last = next((a for a in reversed(accs) if not math.isnan(a)), math.nan)
+    short of a target it once reached. ``evals`` are in training order, each with the keys step,
+    epoch, samples, train_time_s, elapsed_s and test_acc (``metric`` "accuracy") or test_loss
+    ("loss": reached when <= target). Unknown (never reached) is NaN."""
+    low = metric == "loss"
+    values = [e[METRIC_KEY[metric]] for e in evals]
+    first = first_index(values, target, lower_is_better=low)
+    held = sustained_index(values, target, hold_evals, lower_is_better=low)
+    last = next((a for a in reversed(values) if not math.isnan(a)), math.nan)
     return {**_at(evals, first, sustained=False), **_at(evals, held, sustained=True),
-            "ends_below_target": bool(first is not None and last < target)}
+            "ends_below_target": bool(first is not None and not reaches(last, target, low))}

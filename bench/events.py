@@ -66,6 +66,11 @@ REFERENCE_LEARNING_RATE = "reference_learning_rate"  # the sweep's reference_lr,
 REFERENCE_BATCH_SIZE = "reference_batch_size"
 STEPS_PER_EPOCH = "steps_per_epoch"
 TRAIN_EVAL_SAMPLES = "train_eval_samples"  # training samples the train_* metrics are measured on
+# Language models (bench.lm), logged at run start after the lines above:
+BATCH_UNIT = "batch_unit"  # ours: "tokens": every batch size and samples count of the run is tokens (targets)
+CONTEXT_LENGTH = "context_length"  # ours: T, tokens per sequence
+MODEL_FLOPS_PER_TOKEN = "model_flops_per_token"  # ours: 6 N (Kaplan et al. 2020), the basis of MFU
+ENTROPY_FLOOR_NATS = "entropy_floor_nats"  # ours: the best achievable loss (generated corpora only)
 
 # --- per-epoch metrics ---
 EVAL_ACCURACY = "eval_accuracy"  # test-set accuracy (MLPerf name)
@@ -90,7 +95,9 @@ def hyperparameters(plan: Any, opt_name: str, weight_decay: float, train_eval_sa
             (REFERENCE_BATCH_SIZE, p.reference_batch_size), (OPT_BASE_LEARNING_RATE, p.peak_lr),
             (OPT_LEARNING_RATE_WARMUP_EPOCHS, p.warmup_epochs), (OPT_LEARNING_RATE_WARMUP_STEPS, p.warmup_steps),
             (OPT_WEIGHT_DECAY, weight_decay), (TRAIN_SAMPLES, p.num_train), (EVAL_SAMPLES, p.num_test),
-            (TRAIN_EVAL_SAMPLES, train_eval_samples), (STEPS_PER_EPOCH, p.steps_per_epoch)]
+            (TRAIN_EVAL_SAMPLES, train_eval_samples), (STEPS_PER_EPOCH, p.steps_per_epoch),
+            *([(BATCH_UNIT, p.batch_unit), (CONTEXT_LENGTH, p.context_length)]
+              if getattr(p, "batch_unit", "samples") == "tokens" else [])]
 
 
 def make_event(key: str, value: Any = None, *, event_type: str = POINT_IN_TIME,

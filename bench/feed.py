@@ -5,6 +5,8 @@ device (sharding, augmentation, memory format), and the batches an evaluation pa
 
 - ``MemoryFeed`` serves ``Data`` (digits, CIFAR, shapes, synthetic): both splits are moved to
   the device once; a step gathers its indices there and augments on the device.
+- ``bench.lm.feed.LMFeed`` serves ``bench.lm.corpus.LMData`` (workload lm): token micro-batches
+  of whole sequences, counted in tokens (``make_feed`` builds it from the sweep's options).
 - ``StreamFeed`` serves ``StreamingData`` (ImageNet): DataLoader processes decode this rank's
   share of each step into pinned uint8 batches, which cross PCIe as uint8 and are normalised
   on the device; or they only read the files, and the batch is decoded and cropped on the
@@ -24,6 +26,7 @@ from typing import Iterator, Union
 import torch
 
 from bench.augment import random_crop_flip
+from bench.lm.corpus import LMData
 from bench.plan import RunPlan
 from bench.workloads.data import Data, epoch_permutation
 
@@ -143,9 +146,17 @@ Feed = Union[MemoryFeed, StreamFeed]
 
 
 def make_feed(data, plan: RunPlan, rank: int, world_size: int, device: torch.device,
-              channels_last: bool = False, *, train_eval_samples: int | None = None) -> Feed:
-    """The feed for a workload's data. ``train_eval_samples`` applies to resident data
-    (streamed ImageNet has its own workload option for it)."""
+              channels_last: bool = False, *, train_eval_samples: int | None = None, options=None) -> Feed:
+    """The feed for a workload's data. ``train_eval_samples`` applies to resident data and to a
+    language model's tokens (streamed ImageNet has its own workload option for it); ``options``
+    (the sweep's workload options) say how a language model batches its tokens."""
+    if isinstance(data, LMData):
+        from bench.lm.feed import LMFeed
+        from bench.lm.workload import batch_spec
+
+        spec = batch_spec(options, plan.global_batch_size, plan.num_workers, plan.grad_accum_steps, plan.seed)
+        return LMFeed(data, spec, rank, world_size, device, train_eval_tokens=train_eval_samples,
+                      val_eval_tokens=options.val_eval_tokens)
     if isinstance(data, Data):
         return MemoryFeed(data, plan, rank, world_size, device, channels_last, train_eval_samples)
     return StreamFeed(data, plan, rank, world_size, device, channels_last)

@@ -22,6 +22,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from bench.lm.model import SIZES as GPT_SIZES
+from bench.lm.model import build_gpt
+
 
 class MLP(nn.Module):
     """Flatten -> Linear(hidden) -> ReLU -> Linear(classes). Hidden layer He-uniform (Keras
@@ -117,6 +120,19 @@ MODELS: dict[str, ModelBuilder] = {
     "resnet18": _image_model(resnet18),  # 224x224 inputs
     "resnet50": _image_model(resnet50),  # 224x224 inputs
 }
+
+
+def _gpt(size: str) -> ModelBuilder:
+    """A GPT decoder of a named size (bench.lm.model): input (T,) token ids, classes = vocabulary."""
+    def builder(shape: tuple[int, ...], vocab_size: int) -> nn.Module:
+        if len(shape) != 1:
+            raise ValueError(f"{size} needs token inputs (context_length,), got shape {shape}")
+        return build_gpt(size, vocab_size, shape[0])
+    return builder
+
+
+# Language models (workload lm): the names of bench.lm.model.SIZES
+MODELS.update({size: _gpt(size) for size in GPT_SIZES})
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

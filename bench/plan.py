@@ -76,12 +76,13 @@ def scaled_lr(reference_lr: float, reference_batch_size: int, global_batch_size:
 
 def lr_at_step(step: int, *, start_lr: float, peak_lr: float, warmup_steps: int, total_steps: int,
                schedule: str = "constant", steps_per_epoch: int = 1,
-               milestones_epochs: tuple[float, ...] = (), gamma: float = 0.1) -> float:
+               milestones_epochs: tuple[float, ...] = (), gamma: float = 0.1, min_lr_ratio: float = 0.0) -> float:
     """LR for the optimizer step with 0-based index `step`.
 
     Warmup (Goyal et al.): linear from start_lr at step 0 to peak_lr at step warmup_steps.
-    After warmup: constant; step (x gamma at each milestone epoch passed); cosine (from peak at
-    the end of warmup to 0 at total_steps).
+    After warmup: constant; step (x gamma at each milestone epoch passed); cosine or linear
+    decay from peak at the end of warmup to min_lr_ratio x peak at total_steps (0 by default;
+    nanoGPT / GPT-3 decay to 0.1 x peak).
     """
     if step < warmup_steps:
         return start_lr + (peak_lr - start_lr) * step / warmup_steps
@@ -90,11 +91,13 @@ def lr_at_step(step: int, *, start_lr: float, peak_lr: float, warmup_steps: int,
     if schedule == "step":
         epoch = step / steps_per_epoch
         return peak_lr * gamma ** sum(1 for m in milestones_epochs if epoch >= m)
-    if schedule == "cosine":
+    if schedule in ("cosine", "linear"):
         span = max(1, total_steps - warmup_steps)
         progress = min(1.0, (step - warmup_steps) / span)
-        return 0.5 * peak_lr * (1.0 + math.cos(math.pi * progress))
-    raise PlanError(f"lr.schedule: unknown schedule {schedule!r} (allowed: constant, step, cosine)")
+        left = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+        floor = min_lr_ratio * peak_lr
+        return floor + (peak_lr - floor) * left
+    raise PlanError(f"lr.schedule: unknown schedule {schedule!r} (allowed: constant, step, cosine, linear)")
 
 
 # --- evaluation schedule -------------------------------------------------------------------
@@ -170,6 +173,15 @@ class RunPlan:
     # run after the choice). Defaults = every run planned before the LR search existed.
     lr_factor: float = 1.0
     stage: int = 0
+    # What a batch counts: "samples", or "tokens" (workload lm: global_batch_size,
+    # per_worker_batch_size and micro_batch_size are tokens, num_train / num_test are tokens, and
+    # context_length is T). min_lr_ratio: cosine / linear decay ends at this x peak_lr;
+    # warmup_from: "reference" (Goyal: from min(reference_lr, peak_lr)) or "zero". Defaults =
+    # every run planned before language models.
+    batch_unit: str = "samples"
+    context_length: int | None = None
+    min_lr_ratio: float = 0.0
+    warmup_from: str = "reference"
 
     def eval_due(self, step: int) -> bool:
         """Whether this run evaluates after `step` optimizer steps."""
@@ -179,10 +191,12 @@ class RunPlan:
 
     def lr(self, step: int) -> float:
         """The LR this run applies at optimizer step `step` (0-based)."""
-        return lr_at_step(step, start_lr=min(self.reference_lr, self.peak_lr), peak_lr=self.peak_lr,
+        start = 0.0 if self.warmup_from == "zero" else min(self.reference_lr, self.peak_lr)
+        return lr_at_step(step, start_lr=start, peak_lr=self.peak_lr,
                           warmup_steps=self.warmup_steps, total_steps=self.total_steps,
                           schedule=self.schedule, steps_per_epoch=self.steps_per_epoch,
-                          milestones_epochs=self.milestones_epochs, gamma=self.gamma)
+                          milestones_epochs=self.milestones_epochs, gamma=self.gamma,
+                          min_lr_ratio=self.min_lr_ratio)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -198,10 +212,12 @@ class RunPlan:
 
 def run_schedule(num_train: int, global_batch_size: int, num_workers: int, grad_accum_steps: int, *,
                  epochs: int, max_steps: int | None, reference_lr: float, reference_batch_size: int, scaling: str,
-                 warmup_epochs: float, warmup_steps: int | None) -> tuple[int, int, int, float]:
+                 warmup_epochs: float, warmup_steps: int | None,
+                 spe: int | None = None) -> tuple[int, int, int, float]:
     """(steps_per_epoch, total_steps, warmup_steps, peak_lr) of one run from the sweep's plain
-    values: the one derivation both ``plan_sweep`` and the submission checker use."""
-    spe = steps_per_epoch(num_train, global_batch_size, num_workers, grad_accum_steps)
+    values: the one derivation both ``plan_sweep`` and the submission checker use. ``spe``: steps
+    per epoch counted elsewhere (a language model's, from its token batching)."""
+    spe = steps_per_epoch(num_train, global_batch_size, num_workers, grad_accum_steps) if spe is None else spe
     total = spe * epochs if max_steps is None else min(spe * epochs, max_steps)
     warmup = warmup_steps if warmup_steps is not None else round(warmup_epochs * spe)
     return spe, total, warmup, scaled_lr(reference_lr, reference_batch_size, global_batch_size, scaling)
@@ -217,27 +233,39 @@ def plan_sweep(sweep, *, max_micro_batch_size: int | Mapping[int, int] | None = 
     PlanError rather than silently running without a cap.
     """
     num_train, num_test = sweep.dataset_sizes()
+    tokens = sweep.batch_unit == "tokens"
+    batch_key, cap_key = (("global_batch_tokens", "max_micro_batch_tokens") if tokens
+                          else ("global_batch_sizes", "max_micro_batch_size"))
     micro_cap = max_micro_batch_size
-    if micro_cap is None and sweep.max_micro_batch_size == "auto":
-        raise PlanError("max_micro_batch_size: auto needs the memory probe's micro-batches "
+    if micro_cap is None and sweep.micro_batch_cap == "auto":
+        raise PlanError(f"{cap_key}: auto needs the memory probe's micro-batches "
                         "(bench.memprobe.resolve_micro_batch); planned without them the sweep would run "
                         "without a cap")
-    if micro_cap is None and isinstance(sweep.max_micro_batch_size, int):
-        micro_cap = sweep.max_micro_batch_size
+    if micro_cap is None and isinstance(sweep.micro_batch_cap, int):
+        micro_cap = sweep.micro_batch_cap
     lr = sweep.lr
+    context = sweep.options.context_length if tokens else None
     runs: list[RunPlan] = []
     for workers in sweep.num_workers:
         shapes = []  # one per batch size, checked before any run is planned
-        for gbs in sweep.global_batch_sizes:
+        for gbs in sweep.batch_sizes:
             if gbs > num_train:
-                raise PlanError(f"global_batch_sizes: {gbs} is larger than the training set "
-                                f"({num_train} samples of workload {sweep.workload!r})")
+                raise PlanError(f"{batch_key}: {gbs} is larger than the training set "
+                                f"({num_train} {sweep.batch_unit} of workload {sweep.workload!r})")
             cap = micro_cap.get(gbs // workers) if isinstance(micro_cap, Mapping) else micro_cap
-            per_worker, micro, accum = split_batch(gbs, workers, cap)
+            max_steps, spe = sweep.max_steps, None
+            if tokens:
+                from bench.lm.workload import lm_run_shape
+
+                per_worker, micro, accum, spe = lm_run_shape(sweep.options, gbs, workers, cap)
+                if sweep.max_tokens is not None:  # the token budget in whole steps
+                    max_steps = min(max_steps or math.inf, math.ceil(sweep.max_tokens / gbs))
+            else:
+                per_worker, micro, accum = split_batch(gbs, workers, cap)
             spe, total, warmup, peak = run_schedule(
-                num_train, gbs, workers, accum, epochs=sweep.epochs, max_steps=sweep.max_steps,
+                num_train, gbs, workers, accum, epochs=sweep.epochs, max_steps=max_steps,
                 reference_lr=lr.reference_lr, reference_batch_size=lr.reference_batch_size, scaling=lr.scaling,
-                warmup_epochs=lr.warmup_epochs, warmup_steps=lr.warmup_steps)
+                warmup_epochs=lr.warmup_epochs, warmup_steps=lr.warmup_steps, spe=spe)
             if warmup > total:
                 raise PlanError(f"lr.warmup: {warmup} warmup steps exceed the {total} steps of the run "
                                 f"at global batch {gbs}")
@@ -258,5 +286,6 @@ def plan_sweep(sweep, *, max_micro_batch_size: int | Mapping[int, int] | None = 
                     milestones_epochs=tuple(lr.step_milestones_epochs), gamma=lr.step_gamma,
                     eval_every_epochs=sweep.eval_every_epochs,
                     eval_every_steps=sweep.eval_every_steps if isinstance(sweep.eval_every_steps, int) else None,
-                    eval_auto=sweep.eval_every_steps == "auto"))
+                    eval_auto=sweep.eval_every_steps == "auto", batch_unit=sweep.batch_unit,
+                    context_length=context, min_lr_ratio=lr.min_lr_ratio, warmup_from=lr.warmup_from))
     return runs

@@ -1,5 +1,6 @@
-"""Capacity planner: measured runs -> time, GPU-hours and cost to reach a target accuracy for each
-(global batch, number of GPUs), measured or extrapolated, and what to rent.
+"""Capacity planner: measured runs -> time, GPU-hours and cost to reach a target (a test accuracy,
+or a language model's validation loss) for each (global batch, number of GPUs), measured or
+extrapolated, and what to rent. A language model's batches and samples are tokens throughout.
 
 Owns: the throughput model below, the extrapolation of steps-to-target (through the one fit,
 ``bench.fit.fit_sweep``), the choice of the cheapest configuration meeting a deadline, the
@@ -65,7 +66,7 @@ def parse_duration_s(text: str) -> float:
 @dataclass
 class PlanResult:
     table: Any  # pandas DataFrame, one row per (global_batch_size, num_gpus)
-    target_accuracy: float
+    target: float
     fit: dict
     measured_batches: tuple[int, int]
     measured_gpus: tuple[int, int]
@@ -77,6 +78,11 @@ class PlanResult:
     gpus_stop_helping: int | None = None
     assumptions: list[str] = field(default_factory=list)
     recommendation: str = ""
+    target_metric: str = "accuracy"  # or "loss" (reached when the validation loss is <= target)
+
+    @property
+    def target_text(self) -> str:
+        return f"{self.target:g}" if self.target_metric == "accuracy" else f"loss {self.target:g}"
 
 
 def _span(lo: Any, hi: Any) -> str:
@@ -210,22 +216,28 @@ def _row(b: int, w: int, measured_at: dict, steps_at: dict, fit: dict, tp: _Thro
             "source": "extrapolated", "note": note, "time_runs_s": (), "time_resolution_s": math.nan}
 
 
-def plan_capacity(runs_df, *, target_accuracy: float, deadline_s: float | None = None,
+def plan_capacity(runs_df, *, target_accuracy: float | None = None, target_loss: float | None = None,
+                  deadline_s: float | None = None,
                   gpu_hour_price: float | None = None, max_gpus: int | None = None,
                   gpus_per_node: int | None = None, gpu_memory_gib: float | None = None,
                   batch_sizes: Sequence[int] | None = None, comm_model: CommModel | None = None,
                   comm_notes: Sequence[str] = ()) -> PlanResult:
-    """Answer the capacity questions for `target_accuracy` from runs_frame(records, target_accuracy=...)."""
+    """Answer the capacity questions for one target, `target_accuracy` or `target_loss`, from
+    runs_frame(records, target_accuracy=...) (or target_loss=...)."""
     import pandas as pd
 
     from bench.analysis import trusted
     from bench.fit import fit_sweep
 
     runs_df = trusted(runs_df)
-    known = set(runs_df["target_accuracy"].dropna()) if "target_accuracy" in runs_df else set()
-    if known and known != {target_accuracy}:
-        raise ValueError(f"runs_df was computed for target accuracy {sorted(known)}; "
-                         f"build it with runs_frame(records, target_accuracy={target_accuracy})")
+    if (target_accuracy is None) == (target_loss is None):
+        raise ValueError("give one target: target_accuracy or target_loss")
+    metric, target = ("accuracy", target_accuracy) if target_loss is None else ("loss", target_loss)
+    column = f"target_{metric}"
+    known = set(runs_df[column].dropna()) if column in runs_df else set()
+    if known and known != {target}:
+        raise ValueError(f"runs_df was computed for target {metric} {sorted(known)}; "
+                         f"build it with runs_frame(records, {column}={target})")
     measured = _measured(runs_df)
     if measured.empty:
         raise ValueError("no runs: nothing to plan from")
@@ -255,7 +267,7 @@ def plan_capacity(runs_df, *, target_accuracy: float, deadline_s: float | None =
     time_s = table["time_to_target_s"]
     table["meets_deadline"] = time_s <= deadline_s if deadline_s else time_s.notna()
     table = table.sort_values(["global_batch_size", "num_gpus"], ignore_index=True)
-    result = PlanResult(table=table, target_accuracy=target_accuracy, fit=fit, measured_batches=mb, measured_gpus=mg,
+    result = PlanResult(table=table, target=target, target_metric=metric, fit=fit, measured_batches=mb, measured_gpus=mg,
                         deadline_s=deadline_s, gpu_hour_price=gpu_hour_price, gpu_memory_gib=gpu_memory_gib,
                         assumptions=_assumptions(tp, fit, fit_ok, mem, gpu_memory_gib) + list(comm_notes))
     _choose(result)
@@ -349,7 +361,7 @@ def _label(row: dict) -> str:
 
 def _recommendation(r: PlanResult, lines: list[tuple[str, dict, dict | None]]) -> str:
     goal = f"within {r.deadline_s:g} s" if r.deadline_s else "(no deadline)"
-    out = [] if r.cheapest else [f"nothing reaches {r.target_accuracy:g} {goal}; the fastest option is below"]
+    out = [] if r.cheapest else [f"nothing reaches {r.target_text} {goal}; the fastest option is below"]
     for kind, row, other in lines:
         if kind == "cheapest":
             out.append(f"cheapest {goal}: {_describe(row, r.gpu_hour_price)}; against the next cheapest "
@@ -390,7 +402,7 @@ def plan_figure(result: PlanResult):
         ax.plot(result.cheapest[x], result.cheapest["time_to_target_s"], "*", ms=14, color="k",
                 label="cheapest meeting the deadline" if result.deadline_s else "cheapest")
     ax.set(xscale="log", yscale="log", xlabel="global batch size" if by_batch else "GPUs",
-           ylabel=f"time to {result.target_accuracy:g} accuracy (s)",
+           ylabel=f"time to {result.target_text}{' accuracy' if result.target_metric == 'accuracy' else ''} (s)",
            title="Capacity plan (filled: measured, hollow: extrapolated)"
            + (f"; times known on {int(t['num_gpus'].iloc[0])} GPU(s) only" if by_batch else ""))
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))

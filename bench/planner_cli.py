@@ -3,7 +3,8 @@ assumptions and recommendation printed.
 
 Owns: the plan command's parser and the checks of its options. Each bad option is refused with
 one line naming the option, what is wrong and what is allowed, exit 2 (``UserError``), before
-any result is read: ``--target-accuracy`` a finite number in (0, 1]; ``--gpu-hour-price`` a
+any result is read: exactly one target, ``--target-accuracy`` a finite number in (0, 1] or
+``--target-loss`` (a language model's validation loss) a finite number > 0; ``--gpu-hour-price`` a
 finite number >= 0; ``--max-gpus`` and ``--gpus-per-node`` whole numbers >= 1; ``--deadline`` a
 positive duration (2h, 90m, 3600s, 1h30m or seconds). Options are taken as text and parsed here,
 so that argparse's two-line usage errors never replace the one line.
@@ -42,8 +43,12 @@ def _number(option: str, text: str | None, allowed: str, ok: Callable[[float], b
 
 def check_options(args: argparse.Namespace) -> dict:
     """The plan options as numbers, or UserError for the first bad one (one line, exit 2)."""
+    if (args.target_accuracy is None) == (getattr(args, "target_loss", None) is None):
+        raise UserError("plan: give one target, --target-accuracy (e.g. 0.93) or --target-loss (e.g. 3.0)")
     out = {"target_accuracy": _number("--target-accuracy", args.target_accuracy,
                                       "must be a test accuracy in (0, 1], e.g. 0.93", lambda v: 0 < v <= 1),
+           "target_loss": _number("--target-loss", getattr(args, "target_loss", None),
+                                  "must be a validation loss in nats > 0, e.g. 3.0", lambda v: v > 0),
            "gpu_hour_price": _number("--gpu-hour-price", args.gpu_hour_price, "must be a price >= 0, e.g. 2.5",
                                      lambda v: v >= 0),
            "max_gpus": _number("--max-gpus", args.max_gpus, "must be a whole number >= 1", lambda v: v >= 1, True),
@@ -106,9 +111,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     price, per_node, memory = _cluster_defaults(records)
     comm_model, comm_notes = _comm_model(records, args)
     price = opts["gpu_hour_price"] if opts["gpu_hour_price"] is not None else price
-    target = opts["target_accuracy"]
+    target = {"target_accuracy": opts["target_accuracy"], "target_loss": opts["target_loss"]}
     try:
-        result = plan_capacity(analysis.runs_frame(records, target_accuracy=target), target_accuracy=target,
+        result = plan_capacity(analysis.runs_frame(records, **target), **target,
                                deadline_s=opts["deadline_s"], gpu_hour_price=price, max_gpus=opts["max_gpus"],
                                gpus_per_node=opts["gpus_per_node"] or per_node, gpu_memory_gib=memory,
                                comm_model=comm_model, comm_notes=comm_notes)
@@ -125,7 +130,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `plan` to the batchscale parser."""
     p = sub.add_parser("plan", help="time, GPU-hours and cost to reach an accuracy, per batch and GPU count")
     p.add_argument("results", nargs="+", help="results folders (a sweep's, or a folder of them)")
-    p.add_argument("--target-accuracy", required=True, help="test accuracy to reach, in (0, 1], e.g. 0.93")
+    p.add_argument("--target-accuracy", help="test accuracy to reach, in (0, 1], e.g. 0.93")
+    p.add_argument("--target-loss", help="instead: validation loss to reach (language models, nats), e.g. 3.0")
     p.add_argument("--deadline", help="e.g. 2h, 90m, 3600s")
     p.add_argument("--gpu-hour-price", help="price per GPU-hour, >= 0 (default: the cluster file's)")
     p.add_argument("--max-gpus", help="largest GPU count to consider, >= 1 (default: the largest measured; "

@@ -36,6 +36,8 @@ class _Tail:
     epochs: int = 0
     stopped: dict | None = None
     last_test_acc: float | None = None
+    last_test_loss: float | None = None
+    tokens: bool = False  # a language model's run (batch_unit tokens): its validation loss is shown
     started: bool = False
     steps_per_epoch: int | None = None
     last_step: int = -1  # the last step an opt_learning_rate line named (every step of epoch 1)
@@ -80,6 +82,10 @@ class _Tail:
                 self.last_epoch_s = seconds if isinstance(seconds, (int, float)) and seconds > 0 else None
             elif key == ev.EVAL_ACCURACY:
                 self.last_test_acc = event.get("value")
+            elif key == ev.EVAL_LOSS:
+                self.last_test_loss = event.get("value")
+            elif key == ev.BATCH_UNIT:
+                self.tokens = event.get("value") == "tokens"
             elif key == ev.RUN_STOP:
                 self.stopped = meta
 
@@ -89,6 +95,11 @@ class _Tail:
             return False
         fh.seek(self.offset - len(self.seen))
         return fh.read(len(self.seen)) == self.seen
+
+    def metric(self, digits: int) -> str:
+        """" test acc 0.912", or for a language model " val loss 2.345"; "" before the first evaluation."""
+        name, value = ("val loss", self.last_test_loss) if self.tokens else ("test acc", self.last_test_acc)
+        return f" {name} {value:.{digits}f}" if isinstance(value, float) else ""
 
     @property
     def progress(self) -> float:
@@ -158,7 +169,7 @@ class SweepProgress:
             if self._rich is not None and tail.started:
                 if rid not in self._run_tasks:
                     self._run_tasks[rid] = self._rich.add_task(f"  {rid}", total=tail.total_epochs)
-                acc = f" test acc {tail.last_test_acc:.3f}" if isinstance(tail.last_test_acc, float) else ""
+                acc = tail.metric(3)
                 self._rich.update(self._run_tasks[rid], completed=tail.progress,
                                   description=f"  {rid}{at}{acc}")
             if tail.stopped is not None:
@@ -174,7 +185,7 @@ class SweepProgress:
 
     def _finished(self, rid: str, tail: _Tail, at: str) -> None:
         status = tail.stopped.get("status", "?")
-        acc = f", test acc {tail.last_test_acc:.4f}" if isinstance(tail.last_test_acc, float) else ""
+        acc = "," + tail.metric(4) if tail.metric(4) else ""
         line = f"[{len(self._done)}/{len(self.tails)}] {rid}: {status} after {tail.epochs} epochs{acc}{at}"
         if self._rich is not None:
             self._rich.update(self._sweep_task, completed=len(self._done))

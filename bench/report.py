@@ -14,9 +14,13 @@ only the runs at the rule's LR enter those (bench.analysis.trusted); the other t
 their own section, the failures table and the list of all runs. A telemetry
 file that cannot be read is named in one line and skipped; the other runs' telemetry is drawn.
 
+A language model's sweep (batches in tokens, a loss target) gets its own curves, steps and tokens
+to target, noise scale through training and per-batch table (``bench.report_lm``); the shared
+figures show its batches in tokens.
+
 Reads results only through ``bench.records.load_results`` and numbers only through
-``bench.analysis``; plots live in ``bench.report_figures``, ``bench.report_scaling`` and
-``bench.report_hardware``, tables in
+``bench.analysis`` (and ``bench.analysis_lm``); plots live in ``bench.report_figures``,
+``bench.report_scaling``, ``bench.report_lm`` and ``bench.report_hardware``, tables in
 ``bench.report_tables``, the header in ``bench.report_text``.
 Must not import: torch, ray, pyplot.
 """
@@ -36,8 +40,10 @@ import matplotlib
 import pandas as pd
 
 from bench import analysis as an
+from bench import analysis_lm
 from bench import report_figures as rf
 from bench import report_hardware as rh
+from bench import report_lm as rlm
 from bench import report_lrsearch as rl
 from bench import report_scaling as rs
 from bench import report_tables as rt
@@ -75,14 +81,14 @@ def check_output(out: Path) -> None:
 
 
 def write_report(paths: list[Path], out: Path, *, target_accuracy: float | None = None,
-                 title: str | None = None) -> Path:
+                 title: str | None = None, target_loss: float | None = None) -> Path:
     """Read every run under `paths` (a damaged folder comes back marked, and the store warns),
     render the report and write it atomically to `out`. Returns `out`. A bad output path or
     target raises UserError before anything is read or written."""
     out = Path(out)
     check_target(target_accuracy)
     check_output(out)
-    page = render_report(load_results(paths), target_accuracy=target_accuracy, title=title,
+    page = render_report(load_results(paths), target_accuracy=target_accuracy, target_loss=target_loss, title=title,
                          sources=[str(p) for p in paths])
     try:
         atomic_write_text(out, page)
@@ -119,6 +125,14 @@ def build_figures(records: list[RunRecord], runs: pd.DataFrame, speed: pd.DataFr
         ("lr", "Learning-rate schedule", lambda: rf.fig_lr(an.lr_frame(records), runs, style)),
         ("capacity", "Capacity plan: time to target against GPUs", lambda: _capacity_figure(runs, records)),
     ]
+    if rlm.is_token_sweep(runs):  # a language model: loss, tokens, the noise scale through training
+        makers = [("curves", "Validation loss", lambda: rlm.fig_loss_curves(an.curves_frame(records), runs, style)),
+                  ("steps", "Steps and tokens to the target loss", lambda: rlm.fig_to_target(runs, speed, fits, style)),
+                  ("noise", "Gradient noise scale through training",
+                   lambda: rlm.fig_noise(analysis_lm.noise_frame(records), runs, fits, style)),
+                  *[(key, name, lambda make=make: rlm.in_tokens(make())) for key, name, make in makers
+                    if key not in ("curves", "gap", "steps", "lr")],
+                  ("lr", "Learning-rate schedule", lambda: rlm.fig_lr(an.lr_frame(records), records, style))]
     out = []
     with matplotlib.rc_context(rf.RC):
         for key, name, make in makers:
@@ -141,14 +155,15 @@ def _capacity_figure(runs: pd.DataFrame, records) -> rf.FigureResult:
     title = "Capacity plan: time to target against GPUs"
     if runs["sweep"].nunique() != 1:
         return rf.FigureResult("capacity", title, None, "capacity planning is per sweep; run `batchscale plan` on one")
-    target = float(runs["target_accuracy"].dropna().iloc[0])
+    metric = runs["target_metric"].dropna().iloc[0] if "target_metric" in runs else "accuracy"
+    target = float(runs[f"target_{metric}"].dropna().iloc[0])
     comm_model, comm_notes = planner_seam(records)
-    result = planner.plan_capacity(runs, target_accuracy=target, comm_model=comm_model, comm_notes=comm_notes)
+    result = planner.plan_capacity(runs, **{f"target_{metric}": target}, comm_model=comm_model, comm_notes=comm_notes)
     if result.table is None or not result.table["time_to_target_s"].notna().any():
         return rf.FigureResult("capacity", title, None, result.recommendation or "nothing to plan from")
     recommendation = result.recommendation.replace("\n", "; ").rstrip(".")
     return rf.FigureResult("capacity", title, planner.plan_figure(result),
-                           f"At target {target:g}: {recommendation}. Hollow markers are extrapolated; "
+                           f"At target {result.target_text}: {recommendation}. Hollow markers are extrapolated; "
                            + ("GPU counts beyond the measured ones use the step model: " + "; ".join(comm_notes)
                               if comm_model is not None else
                               "GPU counts beyond the measured ones are not planned (" + "; ".join(comm_notes) + ")."))
@@ -213,8 +228,11 @@ def _body(records: list[RunRecord], all_runs: pd.DataFrame) -> list[str]:
     parts += ["<h2>Summary per global batch size</h2>",
               f'<p class="meta">Means ± std over the runs of each cell (n in "runs"). How comparisons are worded, '
               f'here and in every caption: {esc(RULE)}.</p>', '<div class="scroll">',
-              rt.batch_table_html(an.batch_table(runs), speed, fits) if len(runs) else "", "</div>",
+              (rlm.batch_table_html if rlm.is_token_sweep(runs) else rt.batch_table_html)(an.batch_table(runs), speed, fits)
+              if len(runs) else "", "</div>",
               "<h2>Critical batch size</h2>", rt.critical_html(critical, fits),
+              *(['<p class="meta">Language model: every batch, B_crit and B_simple here is in tokens; S_min x B_crit '
+                 "is the fewest tokens the fit allows (E_min).</p>"] if rlm.is_token_sweep(runs) else []),
               *rl.section(all_runs, _figure_html),
               "<h2>Runs that ended below a target they had reached</h2>", '<div class="scroll">',
               rt.ended_below_html(runs), "</div>",
@@ -235,15 +253,16 @@ def _body(records: list[RunRecord], all_runs: pd.DataFrame) -> list[str]:
 
 
 def render_report(records: list[RunRecord], *, target_accuracy: float | None = None, title: str | None = None,
-                  sources: list[str] | None = None) -> str:
+                  sources: list[str] | None = None, target_loss: float | None = None) -> str:
     """The whole page as a string."""
-    all_runs = an.runs_frame(records, target_accuracy=target_accuracy)
+    all_runs = an.runs_frame(records, target_accuracy=target_accuracy, target_loss=target_loss)
     sweeps = sorted(all_runs["sweep"].unique()) if len(all_runs) else []
     title = title or f"batchscale report: {', '.join(sweeps) or 'no runs'}"
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"<h1>{esc(title)}</h1>",
              f'<p class="meta">Generated {esc(now)} from {esc(", ".join(sources or []) or "records")}'
              + (f"; target accuracy overridden to {esc(target_accuracy)}" if target_accuracy is not None else "")
+             + (f"; target loss overridden to {esc(target_loss)}" if target_loss is not None else "")
              + ".</p>"]
     if not records:
         parts.append('<p class="note">No runs were found in these result folders.</p>')

@@ -112,18 +112,24 @@ def fig_steps_to_target(runs: pd.DataFrame, speed: pd.DataFrame, fits: dict, sty
         return rf.FigureResult("steps", title, None,
                                "No run reached the target accuracy, so there are no steps- or epochs-to-target to plot.")
     fig, axes = rf.new_figure(2, legend_in=0.8)
-    _crossings(axes[0, 0], runs, "steps_to_target", style)
-    _plot_fit(axes[0, 0], runs, speed, fits, style)
-    _mark_critical(axes.flat, runs, fits)
-    axes[0, 0].set_ylabel("steps to target" + rf.log_y(axes[0, 0], runs["steps_to_target"], force=True))
-    _fit_to_data(axes[0, 0], runs)
-    rf.legend_below(fig, axes[0, 0], ncol=4)
+    steps_panel(fig, axes, runs, speed, fits, style)
     _crossings(axes[0, 1], runs, "epochs_to_target", style)
     axes[0, 1].set_ylabel("epochs to target")
     for ax, col in zip(axes.flat, ("steps_to_target", "epochs_to_target")):
         rf.batch_axis(ax, runs["global_batch_size"])
         _not_reached_marks(ax, runs, col)
     return rf.FigureResult("steps", title, fig, _steps_caption(runs, speed, fits))
+
+
+def steps_panel(fig, axes, runs: pd.DataFrame, speed: pd.DataFrame, fits: dict, style: rf.Style) -> None:
+    """The left panel of a steps-to-target figure (also bench.report_lm's): each run's crossings,
+    perfect scaling and the fit, the batches beyond B_crit shaded on every panel, the legend."""
+    _crossings(axes[0, 0], runs, "steps_to_target", style)
+    _plot_fit(axes[0, 0], runs, speed, fits, style)
+    _mark_critical(axes.flat, runs, fits)
+    axes[0, 0].set_ylabel("steps to target" + rf.log_y(axes[0, 0], runs["steps_to_target"], force=True))
+    _fit_to_data(axes[0, 0], runs)
+    rf.legend_below(fig, axes[0, 0], ncol=4)
 
 
 def _fit_to_data(ax, runs: pd.DataFrame) -> None:

@@ -75,7 +75,7 @@ def run_setup(records: list[RunRecord]) -> dict[str, str]:
     def planned(key: str) -> str:
         return _distinct(sorted({r.plan.get(key) for r in records if r.plan.get(key) is not None}))
 
-    return {
+    setup = {
         "description": one("description"), "workload": one("workload", "workload"), "model": one("model", "model"),
         "optimizer": one("optimizer.name"), "LR scaling rule": one("lr.scaling", "scaling"),
         "reference LR at reference batch":
@@ -85,6 +85,14 @@ def run_setup(records: list[RunRecord]) -> dict[str, str]:
         "global batch sizes": planned("global_batch_size"), "num_workers": planned("num_workers"),
         "train metrics on": _distinct(train_eval(r) for r in records), "runs": str(len(records)),
     }
+    if any(r.plan.get("batch_unit") == "tokens" for r in records):  # a language model: tokens and a loss
+        setup.update({"target loss (nats per token)": one("target_loss"), "context length": planned("context_length"),
+                      "global batch sizes": planned("global_batch_size") + " tokens"})
+        if one("max_tokens") != "unknown":
+            setup["token budget per run"] = one("max_tokens")
+        if setup["target accuracy"] == "unknown":
+            del setup["target accuracy"]
+    return setup
 
 
 def train_eval(record: RunRecord) -> str:

@@ -41,6 +41,7 @@ LIMITS = {
     "csv": 64 * MIB,            # a submission's summary.csv
     "checksums": 16 * MIB,      # checksums.sha256
     "any": 4 * GIB,             # hashed in chunks, never held in memory
+    "tokens": 1024 * GIB,       # a token file (bench.lm.tokenfile): memory-mapped, never read whole
 }
 MAX_LINE_BYTES = 1 * MIB  # one event / log / CSV line
 

@@ -121,6 +121,11 @@ class RunSummary(_Stored):
     wall_time_s: float = Field(ge=0)
     samples_per_s: Optional[float] = None  # training throughput over the epochs after the first
     target_accuracy: Optional[float] = None
+    target_loss: Optional[float] = None  # a validation loss target (nats per token; language models)
+    # "tokens" for a language model: every batch size, samples_seen and samples_per_s count tokens
+    # (loss targets); context_length is T. None in summaries written before language models.
+    batch_unit: Optional[Literal["samples", "tokens"]] = None
+    context_length: Optional[int] = None
     # v1 named these the run's peaks; they were read after the last evaluation's reset (v1 bug).
     # v2: the same as memory.train_peak_*.
     torch_peak_reserved_gib: Optional[float] = None

@@ -100,7 +100,7 @@ class Trainer:
         torch.manual_seed(plan.seed)  # same initial weights on every rank and at every batch size
         loaded = data if data is not None else workloads.load(plan.workload, sweep.options, plan.seed)
         self.feed = make_feed(loaded, plan, ctx.rank, ctx.world_size, self.device, sweep.channels_last,
-                              train_eval_samples=sweep.train_eval_samples)
+                              train_eval_samples=sweep.train_eval_samples, options=sweep.options)
         memory_format = torch.channels_last if self.feed.channels_last else torch.contiguous_format
         self.raw_model = build_model(plan.model, self.feed.input_shape, self.feed.num_classes).to(
             self.device, memory_format=memory_format)
@@ -154,6 +154,11 @@ class Trainer:
         opt = self.sweep.optimizer
         for key, value in ev.hyperparameters(self.plan, opt.name, opt.weight_decay, self.feed.train_eval_samples):
             self.emit(key, value)
+        if self.plan.batch_unit == "tokens":  # FLOPs per token, entropy floor (bench.lm.feed.run_facts)
+            from bench.lm.feed import run_facts
+
+            for key, value in run_facts(self.feed, self.raw_model):
+                self.emit(key, value)
 
     # --- evaluation ------------------------------------------------------------------------
     def run_eval(self, epoch: int) -> None:
@@ -360,7 +365,8 @@ class Trainer:
             train_time_s=self.train_time_s, eval_time_s=self.eval_time_s,
             wall_time_s=time.perf_counter() - self.t_start,
             samples_per_s=sum(n for _, n in timed) / seconds if seconds > 0 else None,
-            target_accuracy=self.sweep.target_accuracy,
+            target_accuracy=self.sweep.target_accuracy, target_loss=self.sweep.target_loss,
+            batch_unit=p.batch_unit, context_length=p.context_length,
             torch_peak_reserved_gib=memory.train_peak_reserved_gib if memory else None,
             torch_peak_allocated_gib=memory.train_peak_allocated_gib if memory else None,
             memory=memory, gradient_bytes=sum(self.gradient_sizes),

@@ -42,7 +42,7 @@ def resolve_micro_batch(sweep, *, results_dir: str | Path = "results",
     RESULTS_DIR/<sweep>/memory-probe.json by ``bench.memprobe.micro_batch_for_auto`` (measured on
     GPUs or CPUs as ``use_gpu`` says). No usable probe raises PlanError saying what to run.
     Lives with the probe (not in the pure bench.plan) because it reads the probe's file."""
-    cap = sweep.max_micro_batch_size
+    cap = sweep.micro_batch_cap  # max_micro_batch_size, or a language model's max_micro_batch_tokens
     if cap != "auto":
         return cap
     try:
@@ -124,7 +124,8 @@ def cmd_probe_memory(args: argparse.Namespace) -> int:
     if result.largest_fit < 1:
         raise UserError(f"no micro-batch fits: {nothing_fits(result)} (see {out})", EXIT_FAILED)
     chosen = micro_batch_per_worker_batch(result)
-    print("max_micro_batch_size: auto runs per-worker batch " + ", ".join(
+    unit = f" (sequences of {sweep.options.context_length} tokens)" if sweep.batch_unit == "tokens" else ""
+    print(f"{'max_micro_batch_tokens' if unit else 'max_micro_batch_size'}: auto runs per-worker batch{unit} " + ", ".join(
         f"{p} as {p // m} x {m}" if m < p else f"{p} whole" for p, m in chosen.items()))
     return 0
 

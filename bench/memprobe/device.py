@@ -41,6 +41,7 @@ class InputSpec:
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     resident_bytes: int = 0  # train + test sets the worker keeps on its device
+    tokens: bool = False  # a language model: inputs and targets are token ids (n, T), classes the vocabulary
 
 
 def input_spec(sweep, seed: int = 0) -> InputSpec:
@@ -49,6 +50,10 @@ def input_spec(sweep, seed: int = 0) -> InputSpec:
     from bench import workloads
     from bench.workloads.data import Data
 
+    if sweep.batch_unit == "tokens":  # a micro-batch of n sequences of T token ids; tokens stay on the host
+        from bench.lm.options import lm_vocab_size
+
+        return InputSpec((sweep.options.context_length,), lm_vocab_size(sweep.options), "none", False, tokens=True)
     options = sweep.options
     small = {k: min(getattr(options, k), 2) for k in ("num_train", "num_test") if k in type(options).model_fields}
     data = workloads.load(sweep.workload, options.model_copy(update=small) if small else options, seed)
@@ -89,6 +94,8 @@ class Training:
     def batch(self, n: int, augment: bool = True) -> torch.Tensor:
         """n random inputs as the feed hands them to the model."""
         s = self.spec
+        if s.tokens:
+            return torch.randint(0, s.num_classes, (n, *s.shape), device=self.device)
         if s.streaming:  # as StreamingData.to_device: uint8 -> float, normalised on the device
             x = torch.randint(0, 256, (n, *s.shape), dtype=torch.uint8).to(self.device).float().div_(255.0)
             x = x.sub_(torch.tensor(s.mean, device=self.device).view(1, -1, 1, 1))
@@ -104,7 +111,8 @@ class Training:
         return x
 
     def labels(self, n: int) -> torch.Tensor:
-        return torch.randint(0, self.spec.num_classes, (n,), device=self.device)
+        shape = (n, *self.spec.shape) if self.spec.tokens else (n,)  # next-token targets for a language model
+        return torch.randint(0, self.spec.num_classes, shape, device=self.device)
 
     def step(self, micro_batch: int) -> None:
         """One optimizer step of the worker (bench.step.TrainStep) over ACCUM_MICRO_BATCHES
@@ -389,7 +397,7 @@ def _check_eval(the_step, sweep, streaming: bool, cap: Optional[int]) -> Optiona
     """Does one evaluation chunk fit? The worker evaluates in chunks of bench.feed.EVAL_CHUNK
     samples (streamed data: STREAM_EVAL_BATCH) whatever the micro-batch."""
     run_eval = getattr(the_step, "run_eval", None)
-    if run_eval is None:
+    if run_eval is None or sweep.batch_unit == "tokens":  # bench.lm.feed evaluates in micro-batch-sized batches
         return None
     from bench.feed import EVAL_CHUNK, STREAM_EVAL_BATCH
 

@@ -185,9 +185,16 @@ def limit_check(tries: Sequence[Try], largest_fit: int, usable_bytes: float) -> 
 
 # --- micro-batch choice --------------------------------------------------------------------------
 
+def sequence_tokens(sweep) -> int:
+    """Tokens per probed item: a language model is probed in sequences of context_length tokens."""
+    return sweep.options.context_length if sweep.batch_unit == "tokens" else 1
+
+
 def per_worker_batches(sweep) -> list[int]:
-    """Every per-worker batch the sweep plans (global batches divisible by the worker count)."""
-    return sorted({g // w for w in sweep.num_workers for g in sweep.global_batch_sizes if g % w == 0})
+    """Every per-worker batch the sweep plans (global batches divisible by the worker count), in
+    the probe's unit: samples, or whole sequences for a language model."""
+    per = sequence_tokens(sweep)
+    return sorted({g // per // w for w in sweep.num_workers for g in sweep.batch_sizes if g % (w * per) == 0})
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:
@@ -266,12 +273,14 @@ def probed_on_gpu(result: ProbeResult) -> bool:
 def micro_batch_for_auto(sweep, results_dir: str | Path = "results", *,
                          use_gpu: bool | None = None) -> tuple[dict[int, int], Path]:
     """``max_micro_batch_size: auto``: the micro-batch of each per-worker batch, chosen from
-    RESULTS_DIR/<sweep>/memory-probe.json, and that path. Raises ProbeMismatch (a ValueError)
+    RESULTS_DIR/<sweep>/memory-probe.json, and that path. For a language model
+    (``max_micro_batch_tokens: auto``) both are in tokens: the probe's sequences x context_length. Raises ProbeMismatch (a ValueError)
     when the file is missing, unreadable, made for another model / precision / optimizer, made
     on the other kind of device than ``use_gpu`` says the run will use, or found that nothing fits."""
     path = default_output(sweep, results_dir)
     if not path.is_file():
-        raise ProbeMismatch(f"max_micro_batch_size: auto needs a memory probe; run `batchscale probe-memory "
+        key = "max_micro_batch_tokens" if sweep.batch_unit == "tokens" else "max_micro_batch_size"
+        raise ProbeMismatch(f"{key}: auto needs a memory probe; run `batchscale probe-memory "
                             f"{sweep.name} --results-dir {results_dir}` on the machine the sweep will run on "
                             f"first (no {path})")
     try:
@@ -285,4 +294,6 @@ def micro_batch_for_auto(sweep, results_dir: str | Path = "results", *,
                             f"{'GPUs' if use_gpu else 'CPUs'}; probe again there")
     if result.largest_fit < 1:
         raise ProbeMismatch(f"{path}: no micro-batch fits: {nothing_fits(result)}")
-    return micro_batch_per_worker_batch(result, per_worker_batches(sweep)), path
+    per = sequence_tokens(sweep)
+    chosen = micro_batch_per_worker_batch(result, per_worker_batches(sweep))
+    return {p * per: m * per for p, m in chosen.items()}, path

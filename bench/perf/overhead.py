@@ -30,6 +30,11 @@ every B after every A, so we do not. The ratio B/A is reported per pair and as
 median/min/max over pairs, because the spread between pairs can be as large as the effect
 (docs/performance.md).
 
+Language models (``--preset gpt2-124m-1024``, or ``--model gpt-tiny`` ...): the same pairs with
+a GPT on token batches and a one-run ``workload: lm`` sweep (bench.perf.overhead_lm); rates are
+tokens/s, and each side's model FLOPs utilisation (6 N x tokens/s over the GPU's dense bf16 peak)
+is printed beside them. ``--micro-batch-size`` then counts sequences of ``--context-length``.
+
 Reaches Ray only through ``bench.runner`` / ``bench.launcher``.
 """
 
@@ -51,9 +56,11 @@ import torch
 import torch.nn.functional as F
 
 import bench
+from bench.lm.model import SIZES as GPT_SIZES
 from bench.models import build_model
+from bench.perf import overhead_lm
 
-MODELS = ("resnet18_cifar", "resnet50", "small_cnn")
+MODELS = ("resnet18_cifar", "resnet50", "small_cnn", *GPT_SIZES)
 NUM_CLASSES = 10
 LR = 0.01
 
@@ -63,12 +70,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "resnet18-cifar-512": {"model": "resnet18_cifar", "image_size": 32, "micro_batch_size": 512,
                            "steps": 200},
     "resnet50-224-256": {"model": "resnet50", "image_size": 224, "micro_batch_size": 256, "steps": 40},
+    # GPT-2 small's shape on 16 x 1,024 = 16,384 tokens per step (bf16, eager, one GPU)
+    "gpt2-124m-1024": {"model": "gpt2-124m", "context_length": 1024, "micro_batch_size": 16, "steps": 40},
 }
 # device -> defaults when neither a preset nor the option gives a value
 DEFAULTS: dict[str, dict[str, Any]] = {
     "cuda": {"model": "resnet18_cifar", "image_size": 32, "micro_batch_size": 512, "steps": 200},
     "cpu": {"model": "small_cnn", "image_size": 16, "micro_batch_size": 8, "steps": 5},
 }
+
+
+def is_lm(params: dict[str, Any]) -> bool:
+    """A GPT (bench.perf.overhead_lm's sides, in tokens) rather than an image model."""
+    return params.get("model") in GPT_SIZES
 
 
 # --- the plain loop (also used by bench.perf.throughput) -------------------------------------
@@ -132,11 +146,13 @@ def run_plain(params: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(int(params["threads"]))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    s = plain_step(params["model"], params["image_size"], params["micro_batch_size"], device)
+    lm = is_lm(params)
+    s = PlainStep(*overhead_lm.plain_lm_step(params, device)) if lm else \
+        plain_step(params["model"], params["image_size"], params["micro_batch_size"], device)
     steps = params["steps"]
     warmup_s = time_steps(s.step, steps, device)
     seconds = time_steps(s.step, steps, device)
-    samples = steps * params["micro_batch_size"]
+    samples = steps * (overhead_lm.tokens_per_step(params) if lm else params["micro_batch_size"])
     return {"samples_per_s": samples / seconds, "step_ms": 1000.0 * seconds / steps,
             "seconds": seconds, "samples": samples, "warmup_s": warmup_s, "device_name": device_name(device),
             "torch_threads": torch.get_num_threads()}
@@ -171,6 +187,8 @@ def sweep_for(params: dict[str, Any], name: str):
     start and the end, so epoch 2 is steady state."""
     from bench.config import SweepConfig
 
+    if is_lm(params):
+        return overhead_lm.lm_sweep_for(params, name)
     on_cuda = params["device"] == "cuda"
     batch, steps = params["micro_batch_size"], params["steps"]
     return SweepConfig.model_validate({
@@ -222,7 +240,8 @@ def run_batchscale(params: dict[str, Any], results_root: Path, name: str) -> dic
     if status != "success":
         raise RuntimeError(f"batchscale run {run_id} ended {status}: {summary.failure if summary else None}")
     samples_per_s, seconds, samples = epoch_throughput(ev.read_events(run_dir / "events.jsonl"), 2)
-    expected = params["steps"] * params["micro_batch_size"]
+    per_step = overhead_lm.tokens_per_step(params) if is_lm(params) else params["micro_batch_size"]
+    expected = params["steps"] * per_step
     if samples != expected:
         raise RuntimeError(f"epoch 2 trained {samples} samples, expected {expected}")
     if abs(summary.samples_per_s - samples_per_s) > 1e-3 * samples_per_s:  # events round to 1 us
@@ -249,7 +268,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "H100 target (explicit options override it)")
     p.add_argument("--model", choices=MODELS)
     p.add_argument("--image-size", type=int, help="pixels per side of the 3-channel input")
-    p.add_argument("--micro-batch-size", type=int, help="samples per step on the one device")
+    p.add_argument("--micro-batch-size", type=int, help="samples (GPT: sequences) per step on the one device")
+    p.add_argument("--context-length", type=int, help="GPT models: tokens per sequence (default 1024 on cuda, 64 on cpu)")
+    p.add_argument("--compile", action="store_true", help="GPT models: torch.compile both sides' models")
     p.add_argument("--steps", type=int, help="timed steps per block (the warm-up block is as long)")
     p.add_argument("--pairs", type=int, default=5, help="interleaved A/B pairs (default 5)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
@@ -269,7 +290,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.threads is None:
         args.threads = 1 if args.device == "cpu" else min(8, os.cpu_count() or 1)
-    for key in ("image_size", "micro_batch_size", "steps", "pairs", "threads"):
+    args.workload = "lm" if args.model in GPT_SIZES else "image"
+    if args.context_length is None:
+        args.context_length = 1024 if args.device == "cuda" else 64
+    for key in ("image_size", "micro_batch_size", "steps", "pairs", "threads", "context_length"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.image_size < 8:
@@ -299,15 +323,19 @@ def main(argv: list[str] | None = None) -> int:
 
     params = {"device": args.device, "model": args.model, "image_size": args.image_size,
               "micro_batch_size": args.micro_batch_size, "steps": args.steps, "threads": args.threads,
-              "telemetry": args.telemetry}
+              "telemetry": args.telemetry, "workload": args.workload, "context_length": args.context_length,
+              "compile": args.compile}
     try:
         sweep_for(params, "overhead-check")  # refuse a too-big synthetic set before starting anything
     except Exception as err:  # pydantic ValidationError: one line
         first = str(err).strip().splitlines()
         print(f"error: side B cannot be configured: {first[-1] if first else err}", file=sys.stderr)
         return 2
-    precision = "bf16 autocast + channels_last" if args.device == "cuda" else "fp32"
-    print(f"overhead: {args.model}, image {args.image_size}, micro_batch_size {args.micro_batch_size}, "
+    precision = ("bf16 autocast" + (" + channels_last" if args.workload != "lm" else "")
+                 if args.device == "cuda" else "fp32")
+    rate = "tokens/s" if args.workload == "lm" else "samples/s"
+    shape = f"context {args.context_length}" if args.workload == "lm" else f"image {args.image_size}"
+    print(f"overhead: {args.model}, {shape}, micro_batch_size {args.micro_batch_size}, "
           f"{args.steps} timed steps after {args.steps} warm-up steps, {precision}, {args.threads} "
           f"thread(s), telemetry {'on' if args.telemetry else 'off'}, {args.pairs} pair(s) A=plain "
           f"B=batchscale (Ray Train, 1 worker), interleaved A B A B", flush=True)
@@ -322,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                 b = run_batchscale(params, results_root, f"overhead-{stamp}-pair{i:02d}")
                 pairs.append({"plain": a, "batchscale": b, "ratio": b["samples_per_s"] / a["samples_per_s"]})
                 start = f"{b['group_start_s']:.1f} s" if b["group_start_s"] is not None else "unknown"
-                print(f"pair {i}/{args.pairs}: A {a['samples_per_s']:.1f} samples/s, "
-                      f"B {b['samples_per_s']:.1f} samples/s, B/A {pairs[-1]['ratio']:.4f} "
+                print(f"pair {i}/{args.pairs}: A {a['samples_per_s']:.1f} {rate}, "
+                      f"B {b['samples_per_s']:.1f} {rate}, B/A {pairs[-1]['ratio']:.4f} "
                       f"(worker group start-up {start})", flush=True)
     except (RuntimeError, launcher.LauncherError, ConfigError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -335,11 +363,19 @@ def main(argv: list[str] | None = None) -> int:
     ray_side = stats([pr["batchscale"]["samples_per_s"] for pr in pairs])
     print(f"device: {pairs[0]['plain']['device_name']}")
     print(format_pairs(pairs))
-    print(f"plain samples/s: median {plain['median']:.1f} min {plain['min']:.1f} max {plain['max']:.1f}")
-    print(f"batchscale samples/s: median {ray_side['median']:.1f} min {ray_side['min']:.1f} "
+    print(f"plain {rate}: median {plain['median']:.1f} min {plain['min']:.1f} max {plain['max']:.1f}")
+    print(f"batchscale {rate}: median {ray_side['median']:.1f} min {ray_side['min']:.1f} "
           f"max {ray_side['max']:.1f}")
     print(f"ratio B/A: median {ratio['median']:.4f} min {ratio['min']:.4f} max {ratio['max']:.4f} "
           f"over {len(pairs)} pair(s)")
+    utilisation = None
+    if args.workload == "lm":  # the rates above are tokens/s
+        name = pairs[0]["plain"]["device_name"]
+        utilisation = {side: overhead_lm.utilisation(rates["median"], params, name)
+                       for side, rates in (("plain", plain), ("batchscale", ray_side))}
+        print(f"model FLOPs per token (6 N): {overhead_lm.flops_per_token(params):.4g}; MFU at the median tokens/s "
+              + ", ".join(f"{side} {'unknown (no listed peak for ' + name + ')' if u is None else f'{u:.1%}'}"
+                          for side, u in utilisation.items()))
     if args.json is not None:
         import ray
 
@@ -352,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             "interleaved": True, "torch": torch.__version__, "ray": ray.__version__,
             "pairs": pairs, "ratio": ratio, "plain_samples_per_s": plain,
             "batchscale_samples_per_s": ray_side, "wall_s": time.perf_counter() - t_start,
+            "workload": args.workload, "context_length": args.context_length, "compile": args.compile,
+            "mfu": utilisation,
         }, indent=2) + "\n")
     return 0
 

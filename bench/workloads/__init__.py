@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bench.workloads import vision_catalog
+from bench.workloads import lm_catalog, vision_catalog
 from bench.workloads.registry import REGISTRY, NoOptions, WorkloadInfo, get, register
 
 __all__ = ["REGISTRY", "NoOptions", "WorkloadInfo", "DigitsOptions", "get", "register", "load"]
@@ -74,3 +74,5 @@ register(WorkloadInfo(
 
 for _info in vision_catalog.ENTRIES:  # cifar10, cifar100, imagenet, shapes, synthetic
     register(_info)
+
+register(lm_catalog.ENTRY)  # language models: batches in tokens
