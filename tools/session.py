@@ -77,7 +77,7 @@ def sweep_progress(root: Path, name: str) -> tuple[int, int]:
     from bench.store import SweepDir
 
     sweep = load_sweep(name)[0]
-    ids = [run_id(g, w, s) for w in sweep.num_workers for g in sweep.global_batch_sizes for s in sweep.seeds]
+    ids = [run_id(g, w, s) for w in sweep.num_workers for g in sweep.batch_sizes for s in sweep.seeds]
     sweep_dir = SweepDir(root / "results" / name)
     return sum(sweep_dir.run(i).is_complete() for i in ids), len(ids)
 
