@@ -234,6 +234,7 @@ class SweepConfig(StrictModel):
         if v is None or (type(v) is int and not 1 <= v <= MAX_CONCURRENT_RUNS):
             raise ValueError(f"must be 1..{MAX_CONCURRENT_RUNS} or 'auto'")
         return int_or_auto(v)
+
     @model_validator(mode="after")
     def _search_seeds(self) -> "SweepConfig":
         chosen = self.lr_search.search_seeds if self.lr_search is not None else None

@@ -134,7 +134,7 @@ def build_figures(records: list[RunRecord], runs: pd.DataFrame, speed: pd.DataFr
                     if key not in ("curves", "gap", "steps", "lr")],
                   ("lr", "Learning-rate schedule", lambda: rlm.fig_lr(an.lr_frame(records), records, style))]
     out = []
-    with matplotlib.rc_context(rf.RC):
+    with matplotlib.rc_context(rf.rc()):
         for key, name, make in makers:
             try:
                 out.append(make())
@@ -171,7 +171,7 @@ def _capacity_figure(runs: pd.DataFrame, records) -> rf.FigureResult:
 
 def _png(fig) -> tuple[str, int, int]:
     buf = io.BytesIO()
-    with matplotlib.rc_context(rf.RC):
+    with matplotlib.rc_context(rf.rc()):
         fig.savefig(buf, format="png", dpi=DPI)
     width, height = (fig.get_size_inches() * DPI).round().astype(int)
     return base64.b64encode(buf.getvalue()).decode("ascii"), int(width), int(height)

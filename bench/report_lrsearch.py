@@ -300,7 +300,7 @@ def _fit_words(fit: dict) -> str:
 
 def _safe_figure(view: SearchView) -> rf.FigureResult:
     try:
-        with matplotlib.rc_context(rf.RC):
+        with matplotlib.rc_context(rf.rc()):
             return figure(view)
     except Exception as err:  # a broken figure must not cost the section (the page shows why)
         warnings.warn(f"report figure 'lr-search' failed: {err!r}", RuntimeWarning, stacklevel=2)
