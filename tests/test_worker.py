@@ -122,11 +122,12 @@ def test_a_large_evaluation_loss_is_not_divergence(tmp_path: Path, monkeypatch):
 
 
 def test_packaged_huge_batch_without_warmup_still_diverges(tmp_path: Path):
-    """digits-huge-batch-no-warmup: batch 1024 at LR 2.56 from the first step."""
+    """digits-huge-batch-no-warmup: batch 1024 at LR 2.56 from the first step (seed 0; seed 1
+    diverges too, seed 2 stays under the 3x limit and ends near chance: results/ has all three)."""
     from bench.config import load_sweep
 
     sweep, _ = load_sweep("digits-huge-batch-no-warmup")
-    plans = {p.global_batch_size: i for i, p in enumerate(plan_sweep(sweep))}
+    plans = {p.global_batch_size: i for i, p in enumerate(plan_sweep(sweep)) if p.seed == 0}
     sweep = sweep.model_copy(update={"telemetry": sweep.telemetry.model_copy(update={"enabled": False})})
     plan, _, summary = run_one(tmp_path, sweep, index=plans[1024])
     assert plan.peak_lr == pytest.approx(2.56) and plan.warmup_steps == 0
