@@ -199,10 +199,19 @@ def _noise_caption(noise: pd.DataFrame) -> str:
         slope = np.polyfit(np.log(noise["eval_loss"]), np.log(noise["b_simple_tokens"]), 1)[0]
         text += f"; a power-law fit over these points gives B_simple ~ L^{slope:.2f}, Kaplan's trend is L^{-1 / KAPLAN_ALPHA_B:.2f}"
     kaplan = kaplan_critical_batch_tokens(late)
-    return (text + f". Kaplan's B_crit at loss {late:.3g} is {rf.fmt(kaplan)} tokens ({kaplan / at_late:.3g}x B_simple). "
-            "Their fit is for GPT-2's BPE tokens (about 4 bytes each) on WebText2: a byte-level loss per token is on "
+    return (text + f". Kaplan's B_crit at loss {late:.3g} would be {_approx_tokens(kaplan)} tokens, but "
+            "their fit is for GPT-2's BPE tokens (about 4 bytes each) on WebText2: a byte-level loss per token is on "
             "another scale and their tokens carry more text, so on these axes the curve shows the trend's slope, "
-            "not a prediction for this corpus. B_simple assumes a well-conditioned Hessian (McCandlish et al. 2018).")
+            "not a prediction for this corpus, and the two levels are not compared. B_simple assumes a "
+            "well-conditioned Hessian (McCandlish et al. 2018).")
+
+
+def _approx_tokens(tokens: float) -> str:
+    """A token count to two significant figures, in words past a million: '2.9 million'."""
+    for scale, word in ((1e9, "billion"), (1e6, "million")):
+        if tokens >= scale:
+            return f"about {tokens / scale:.2g} {word}"
+    return f"about {tokens:,.0f}" if tokens >= 100 else f"about {tokens:.2g}"
 
 
 # --- the learning-rate schedule ------------------------------------------------------------------

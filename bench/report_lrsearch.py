@@ -172,8 +172,20 @@ def verdict(view: SearchView) -> str:
     epochs = sorted({int(x) for x in view.rule.get("epochs_completed", pd.Series(dtype=float)).dropna()})
     budget = (f" Every run trained for the same {epochs[-1]} epochs, so a larger batch also took fewer steps."
               if len(epochs) == 1 else "")
+    same = [b for b, f in sorted(view.tuned_factor.items()) if f == 1.0]
+    shared = (f" At {_batches(same)} the search chose the rule's LR, so there the tuned and the rule's runs are "
+              "the same runs." if same else "")
     return (f"Did a larger batch lose test accuracy once its LR was tuned? {opening}: {tuned}. "
-            f"For comparison, {rule}.{budget}{_best_trials(view)}")
+            f"For comparison, {rule}.{shared}{budget}{_best_trials(view)}")
+
+
+def _search_basis(view: SearchView) -> str:
+    """What the choice of LR rests on: stage 1's seeds."""
+    seeds = sorted(int(s) for s in view.trials["seed"].unique())
+    if len(seeds) == 1:
+        return (f"chosen in stage 1 from seed {seeds[0]} alone, so whether another seed would choose the same LR "
+                "is unknown")
+    return f"chosen in stage 1 from the mean over seeds {', '.join(map(str, seeds))}"
 
 
 def _best_trials(view: SearchView) -> str:
@@ -392,6 +404,6 @@ def caption(view: SearchView, fits: dict[str, dict]) -> str:
     return (f"Left: steps to target per run (faint) and mean ± std over seeds, at the rule's LR (grey) and the "
             f"tuned LR (orange); at the rule's LR {_fit_words(fits['rule'])}; at the tuned LR "
             f"{_fit_words(fits['tuned'])}. Middle: final test accuracy. Right: every stage-1 trial, LR as a factor "
-            f"of the rule's. The optimum per batch ({'; '.join(moves) or 'none'}) lies above the rule at {above}, "
-            f"below it at {below} and on it at {len(view.tuned_factor) - above - below} of "
+            f"of the rule's. The optimum per batch ({'; '.join(moves) or 'none'}; {_search_basis(view)}) lies above "
+            f"the rule at {above}, below it at {below} and on it at {len(view.tuned_factor) - above - below} of "
             f"{len(view.tuned_factor)} batch sizes.")

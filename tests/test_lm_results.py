@@ -265,3 +265,10 @@ def test_a_submissions_seed_check_reads_a_token_sweeps_batches():
                  config={"global_batch_sizes": None, "global_batch_tokens": [256, 512], "seeds": [0]})
     assert _seed_problems([rec]) == ["sweep s: global batch 512 x 1 worker(s): 0 of 1 declared seeds present "
                                      "(missing seeds [0])"]
+
+
+def test_kaplan_level_is_given_to_two_figures_and_not_compared():
+    from bench.report_lm import _approx_tokens
+
+    assert _approx_tokens(2_925_003) == "about 2.9 million"
+    assert _approx_tokens(2.1e9) == "about 2.1 billion" and _approx_tokens(4_321) == "about 4,321"

@@ -343,3 +343,14 @@ def test_lr_search_end_to_end_through_ray(ray_session, tmp_path: Path, capsys):
     assert "6 already complete, 0 to run" in capsys.readouterr().out
     assert main(["report", str(results / "tiny-search"), "-o", str(tmp_path / "r.html")]) == 0
     assert "Rule vs tuned learning rate" in (tmp_path / "r.html").read_text()
+
+
+def test_the_words_say_where_tuning_chose_the_rule_and_what_the_choice_rests_on(tmp_path: Path):
+    from bench.report_lrsearch import caption
+
+    view, _ = _view(tmp_path)  # batch 4 chose the rule's LR; stage 1 ran seed 0 only
+    assert ("At batch 4 the search chose the rule's LR, so there the tuned and the rule's runs are the same runs."
+            in verdict(view))
+    fits = {"rule": {"B_crit": math.nan, "reason": "x"}, "tuned": {"B_crit": math.nan, "reason": "x"}}
+    assert ("chosen in stage 1 from seed 0 alone, so whether another seed would choose the same LR is unknown"
+            in caption(view, fits))
