@@ -1,13 +1,17 @@
 """Capacity planner: measured runs -> time, GPU-hours and cost to reach a target (a test accuracy,
 or a language model's validation loss) for each (global batch, number of GPUs), measured or
 extrapolated, and what to rent. A language model's batches and samples are tokens throughout.
+Runs on CPU workers are planned in workers and worker-hours (``plan_context``: the word is
+"worker" unless every run's hardware record shows a GPU); the columns keep their names
+(``num_gpus``, ``gpu_hours``: one worker each). The words and number formats are
+bench.planner_text's.
 
 Owns: the throughput model below, the extrapolation of steps-to-target (through the one fit,
 ``bench.fit.fit_sweep``), the choice of the cheapest configuration meeting a deadline, the
 fastest one and where more GPUs stop helping (each compared with its runner-up, with the seed
-spread: bench.spread), and ``plan_figure``. The ``plan`` command lives in bench.planner_cli
-(``register`` here hands over to it). Input is ``bench.analysis.runs_frame`` output; nothing
-here reads files. Must not import: torch, ray. pandas/numpy/matplotlib are imported inside
+spread: bench.spread), ``plan_context`` (what the records say beyond runs_frame: GPU or CPU
+workers, the training-set size) and ``plan_figure``. The ``plan`` command lives in
+bench.planner_cli. Input is ``bench.analysis.runs_frame`` output; nothing here reads files. Must not import: torch, ray. pandas/numpy/matplotlib are imported inside
 functions (the CLI imports this module to build its parser).
 
 Model (every row that uses an assumption says so in its ``note``; all are in ``assumptions``):
@@ -17,6 +21,8 @@ Model (every row that uses an assumption says so in its ``note``; all are in ``a
   The throughput the model scales is the *to-target throughput* of the measured (B, W):
   mean samples-to-target / mean time-to-target over its runs that reached the target, so the
   model evaluated at a measured point gives back exactly the measured time.
+- no global batch larger than the training set is planned (one step cannot take more samples than
+  the training set holds; bench.plan refuses such runs too).
 - steps(B): mean measured steps-to-target at B where a run reached the target, else the fit
   S_min (1 + B_crit / B) of ``bench.fit.fit_sweep`` (the report's B_crit, same excluded points);
   from the smallest global batch at which no measured run reached the target (diverged, say)
@@ -25,8 +31,8 @@ Model (every row that uses an assumption says so in its ``note``; all are in ``a
   log2(b). Below the smallest measured b the step time is held (latency bound); above the
   largest, samples/s per GPU is held.
 - eff(W): measured per-GPU to-target throughput at (B, W) / r(B / W), averaged per W; eff(W0) = 1;
-  interpolated in log2(W) between measured counts; below W0 eff = 1 (fewer GPUs communicate
-  less: the time is an upper bound). **Above the largest measured W nothing is known** until a
+  interpolated in log2(W) between measured counts; below W0 (not measured) eff = 1: the W0 runs'
+  per-GPU speed, all-reduce included, so the time is an upper bound, and the row says so. **Above the largest measured W nothing is known** until a
   communication model is given (``comm_model``, the seam for bench.comm): those rows have no time.
 - memory headroom = GPU memory - peak memory (max over seeds; extrapolated linearly in b).
 """
@@ -38,7 +44,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from bench.spread import Sample, compare
+from bench import planner_text as words
 
 MIN_SPEEDUP_PER_DOUBLING = 1.1  # below this, doubling the GPUs "stops helping" (as analysis' maximal regime)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)")
@@ -79,6 +85,8 @@ class PlanResult:
     assumptions: list[str] = field(default_factory=list)
     recommendation: str = ""
     target_metric: str = "accuracy"  # or "loss" (reached when the validation loss is <= target)
+    device: str = "GPU"  # what one worker is called in every sentence: "GPU" or "worker" (plan_context)
+    scope: list[str] = field(default_factory=list)  # what the plan covers: workers, batch limit, beyond W_max
 
     @property
     def target_text(self) -> str:
@@ -98,8 +106,8 @@ def _interp_log2(x: float, xs, ys) -> float:
 class _Throughput:
     """r(b) and eff(W) on the to-target basis (see the module docstring)."""
 
-    def __init__(self, measured, comm_model: CommModel | None = None) -> None:
-        self.comm_model = comm_model
+    def __init__(self, measured, comm_model: CommModel | None = None, device: str = "GPU") -> None:
+        self.comm_model, self.device = comm_model, device
         rated = measured.dropna(subset=["to_target_samples_per_s"])
         self.known = not rated.empty  # False: no run reached the target, nothing to scale
         rated = rated if self.known else measured.iloc[:1].assign(to_target_samples_per_s=math.nan)
@@ -130,18 +138,23 @@ class _Throughput:
         return w * self.rate(batch / w) * self.efficiency(w, batch / w)
 
     def notes(self, batch: int, w: int) -> list[str]:
-        b, out = batch / w, []
+        b, out, d = batch / w, [], self.device
         span = _span(f"{self.b[0]:g}", f"{self.b[-1]:g}")
         if b < self.b[0]:
-            out.append(f"per-GPU batch {b:g} below measured {span}: step time held")
+            out.append(f"per-{d} batch {b:g} below measured {span}: step time held")
         elif b > self.b[-1]:
-            out.append(f"per-GPU batch {b:g} above measured {span}: samples/s per GPU held")
+            out.append(f"per-{d} batch {b:g} above measured {span}: samples/s per {d} held")
         if w > self.w[-1]:
-            out.append(f"{w} GPUs beyond measured {_span(self.w[0], self.w[-1])}: "
-                       + ("efficiency from the communication model" if self.comm_model is not None
-                          else "nothing known (no communication model)"))
+            beyond = f"{words.count(w, d)} beyond measured {_span(self.w[0], self.w[-1])}: "
+            if self.comm_model is None:
+                out.append(beyond + "nothing known (no communication model)")
+            elif math.isnan(self.efficiency(w, b)):
+                out.append(beyond + "nothing known (the communication model has no link for them)")
+            else:
+                out.append(beyond + "efficiency from the communication model")
         elif w < self.w[0]:
-            out.append(f"{w} GPUs below measured {self.w[0]}: efficiency 1 assumed (an upper bound on the time)")
+            out.append(f"{words.count(w, d)}: not measured (the runs used {self.w[0]}); the {self.w[0]}-{d} runs' "
+                       f"per-{d} speed is assumed (efficiency 1), an upper bound on the time")
         return out
 
 
@@ -175,17 +188,22 @@ def _memory_model(measured):
     return lambda b: a + c * b
 
 
-def _grid(measured, max_gpus: int | None, batch_sizes: Sequence[int] | None, fit_ok: bool, comm: bool):
-    batches = sorted(set(int(b) for b in measured["global_batch_size"]))
+def _grid(measured, max_gpus: int | None, batch_sizes: Sequence[int] | None, fit_ok: bool, comm: bool,
+          max_global_batch_size: int | None = None) -> tuple[list[tuple[int, int]], list[int]]:
+    """The (B, W) to plan, and the unmeasured batches left out for exceeding the training set."""
+    measured_batches = set(int(b) for b in measured["global_batch_size"])
+    batches = sorted(measured_batches)
     if batch_sizes:
         batches = sorted(set(batches) | {int(b) for b in batch_sizes})
     elif fit_ok:
         batches += [2 * batches[-1], 4 * batches[-1]]
+    too_big = [b for b in batches if max_global_batch_size and b > max_global_batch_size and b not in measured_batches]
+    batches = [b for b in batches if b not in too_big]
     largest = int(measured["num_workers"].max())
     top = max_gpus or (8 * largest if comm else largest)  # beyond the measured: only asked for, or modelled
     gpus = sorted({2 ** k for k in range(int(math.log2(top)) + 1)}
                   | {int(w) for w in measured["num_workers"] if w <= top})
-    return [(b, w) for b in batches for w in gpus if b % w == 0]
+    return [(b, w) for b in batches for w in gpus if b % w == 0], too_big
 
 
 def _row(b: int, w: int, measured_at: dict, steps_at: dict, fit: dict, tp: _Throughput, mem, ranges: str,
@@ -203,7 +221,7 @@ def _row(b: int, w: int, measured_at: dict, steps_at: dict, fit: dict, tp: _Thro
         # Data parallelism does not change the optimisation: a global batch that never reached
         # the target does not on more GPUs either, and the fit says nothing past a failure.
         steps = math.nan
-        note = (f"global batch {b}: no measured run reached the target, on any GPU count" if b == b_fail
+        note = (f"global batch {b}: no measured run reached the target, on any {tp.device} count" if b == b_fail
                 else f"beyond global batch {b_fail}, where no measured run reached the target") + ": not extrapolated"
     else:
         if steps is None:
@@ -216,14 +234,38 @@ def _row(b: int, w: int, measured_at: dict, steps_at: dict, fit: dict, tp: _Thro
             "source": "extrapolated", "note": note, "time_runs_s": (), "time_resolution_s": math.nan}
 
 
+def plan_context(records: Sequence[Any]) -> dict:
+    """What plan_capacity needs from the stored runs beyond runs_frame (``bench.records.RunRecord``
+    values, already read): ``device``, "GPU" when every run's hardware record shows a GPU, else
+    "worker", with ``device_note`` saying why; ``max_global_batch_size``, the training-set size
+    (the smallest over the runs, in the batch's unit: samples, or tokens for a language model)."""
+    from bench.analysis import train_samples
+    from bench.provenance import hardware_seen
+
+    kinds = {(seen.device_type if seen is not None else None) for seen, _ in map(hardware_seen, records)}
+    if kinds == {"cuda"}:
+        device, note = "GPU", None
+    elif kinds == {"cpu"}:
+        device, note = "worker", ("the runs ran on CPU workers (no GPU in their hardware record), so the plan "
+                                  "counts workers and worker-hours, one worker being one Ray Train worker process")
+    else:
+        device, note = "worker", ("not every run's hardware record shows a GPU, so the plan counts workers and "
+                                  "worker-hours, one worker being one Ray Train worker")
+    sizes = [s for s in map(train_samples, records) if math.isfinite(s) and s > 0]
+    return {"device": device, "device_note": note, "max_global_batch_size": int(min(sizes)) if sizes else None}
+
+
 def plan_capacity(runs_df, *, target_accuracy: float | None = None, target_loss: float | None = None,
                   deadline_s: float | None = None,
                   gpu_hour_price: float | None = None, max_gpus: int | None = None,
                   gpus_per_node: int | None = None, gpu_memory_gib: float | None = None,
                   batch_sizes: Sequence[int] | None = None, comm_model: CommModel | None = None,
-                  comm_notes: Sequence[str] = ()) -> PlanResult:
+                  comm_notes: Sequence[str] = (), device: str = "GPU", device_note: str | None = None,
+                  max_global_batch_size: int | None = None) -> PlanResult:
     """Answer the capacity questions for one target, `target_accuracy` or `target_loss`, from
-    runs_frame(records, target_accuracy=...) (or target_loss=...)."""
+    runs_frame(records, target_accuracy=...) (or target_loss=...). ``device``, ``device_note``
+    and ``max_global_batch_size`` come from ``plan_context(records)``; ``comm_model`` and
+    ``comm_notes`` (its assumptions, or why there is none) from bench.stepmodel.planner_seam."""
     import pandas as pd
 
     from bench.analysis import trusted
@@ -243,17 +285,18 @@ def plan_capacity(runs_df, *, target_accuracy: float | None = None, target_loss:
         raise ValueError("no runs: nothing to plan from")
     fit = fit_sweep(runs_df.assign(status=runs_df.get("status", "success")))
     fit_ok = math.isfinite(fit["S_min"]) and math.isfinite(fit["B_crit"])
-    tp, mem = _Throughput(measured, comm_model), _memory_model(measured)
+    tp, mem = _Throughput(measured, comm_model, device), _memory_model(measured)
     reached_at = measured.dropna(subset=["steps_to_target"])
     steps_at = reached_at.groupby("global_batch_size")["steps_to_target"].mean().to_dict()
     measured_at = {(int(r["global_batch_size"]), int(r["num_workers"])): r for r in measured.to_dict("records")}
     mb = (int(measured["global_batch_size"].min()), int(measured["global_batch_size"].max()))
     mg = (int(measured["num_workers"].min()), int(measured["num_workers"].max()))
-    ranges = f"measured batches {_span(*mb)}, {_span(*mg)} GPUs"
+    ranges = f"measured batches {_span(*mb)}, {_span(*mg)} {device}{'s' * (mg[1] != 1)}"
     per_batch = measured.groupby("global_batch_size")["n_reached"].sum()
     never = sorted(int(b) for b, n in per_batch.items() if n == 0)
     b_fail = never[0] if never else None  # the smallest global batch at which no run reached it
-    grid = _grid(measured, max_gpus, batch_sizes, fit_ok and b_fail is None, comm_model is not None)
+    grid, too_big = _grid(measured, max_gpus, batch_sizes, fit_ok and b_fail is None, comm_model is not None,
+                          max_global_batch_size)
     rows = [_row(b, w, measured_at, steps_at, fit, tp, mem, ranges, b_fail)
             for b, w in grid if (b, w) in measured_at or b in steps_at or fit_ok]
     table = pd.DataFrame(rows)
@@ -267,11 +310,36 @@ def plan_capacity(runs_df, *, target_accuracy: float | None = None, target_loss:
     time_s = table["time_to_target_s"]
     table["meets_deadline"] = time_s <= deadline_s if deadline_s else time_s.notna()
     table = table.sort_values(["global_batch_size", "num_gpus"], ignore_index=True)
+    unit = str(runs_df["batch_unit"].dropna().iloc[0]) if "batch_unit" in runs_df and runs_df["batch_unit"].notna().any() \
+        else "samples"
+    scope = [device_note] if device_note else []
+    if too_big:
+        scope.append(f"global batch{'es' * (len(too_big) > 1)} {' and '.join(map(str, too_big))} left out: larger "
+                     f"than the training set ({max_global_batch_size:,} {unit}), which one step cannot exceed")
+    beyond = table[table["num_gpus"] > mg[1]]
+    scope.append(_beyond_measured(tp, comm_notes, modelled=bool(beyond["time_to_target_s"].notna().any())))
     result = PlanResult(table=table, target=target, target_metric=metric, fit=fit, measured_batches=mb, measured_gpus=mg,
                         deadline_s=deadline_s, gpu_hour_price=gpu_hour_price, gpu_memory_gib=gpu_memory_gib,
-                        assumptions=_assumptions(tp, fit, fit_ok, mem, gpu_memory_gib) + list(comm_notes))
+                        device=device, scope=scope,
+                        assumptions=scope[:-1] + _assumptions(tp, fit, fit_ok, mem, gpu_memory_gib) + scope[-1:])
     _choose(result)
     return result
+
+
+def _beyond_measured(tp: _Throughput, comm_notes: Sequence[str], modelled: bool) -> str:
+    """One sentence: what the plan knows above the largest measured worker count, the
+    communication model named once and its assumptions listed after it. ``modelled``: the model
+    gave a time to at least one row there."""
+    d, w = tp.device, _span(tp.w[0], tp.w[-1])
+    if tp.comm_model is None:
+        why = "; ".join(n.removeprefix("no communication model: ") for n in comm_notes)
+        return f"{d} counts above the measured {w}: nothing known (no communication model), so no time is given there" \
+            + (f": {why}" if why else "")
+    model, assumes = "the communication model (bench.stepmodel, docs/communication.md)", "; ".join(comm_notes)
+    if not modelled:
+        return f"{d} counts above the measured {w}: no time is given, since {model} has no link for them; it assumes: {assumes}"
+    return (f"{d} counts above the measured {w}: efficiency = modelled 1-worker step / modelled step, from {model}, "
+            f"which assumes: {assumes}; where it has no link, no time is given")
 
 
 def _assumptions(tp: _Throughput, fit: dict, fit_ok: bool, mem, gpu_memory_gib) -> list[str]:
@@ -279,31 +347,32 @@ def _assumptions(tp: _Throughput, fit: dict, fit_ok: bool, mem, gpu_memory_gib) 
 
     if not tp.known:
         return ["no run reached the target: there is no to-target throughput to scale and nothing to plan"]
-    out = ["one GPU per Ray Train worker; every time (measured or extrapolated) is training time to the first "
-           "crossing of the target, evaluation excluded and the first epoch included; extrapolation scales the "
-           "measured runs' to-target throughput (samples to target / time to target)",
-           f"GPU counts above the measured {_span(tp.w[0], tp.w[-1])}: " + (
-               "efficiency = modelled 1-worker step / modelled step at that count (bench.stepmodel); nothing "
-               "known where the model has no link" if tp.comm_model is not None else
-               "nothing known (no communication model): no time is given there"),
-           f"per-GPU batch outside measured {tp.b[0]:g}-{tp.b[-1]:g}: step time held below, "
-           "samples/s per GPU held above"]
+    d = tp.device
+    out = [("one GPU per Ray Train worker; " if d == "GPU" else "")
+           + "every time (measured or extrapolated) is training time to the first crossing of the target, "
+           "evaluation excluded and the first epoch included; extrapolation scales the measured runs' to-target "
+           "throughput (samples to target / time to target)",
+           f"per-{d} batch outside measured {tp.b[0]:g}-{tp.b[-1]:g}: step time held below, "
+           f"samples/s per {d} held above"]
+    if tp.w[0] > 1:
+        out.append(f"fewer {d}s than the measured {tp.w[0]} were not measured: those rows assume the "
+                   f"{tp.w[0]}-{d} runs' per-{d} speed (efficiency 1), an upper bound on their time")
     if fit_ok:
         lo, hi = fit.get("B_crit_lo", math.nan), fit.get("B_crit_hi", math.nan)
-        interval = (f", 95 % bootstrap interval of B_crit {lo:.4g} to {hi:.4g}" if math.isfinite(lo) and math.isfinite(hi)
-                    and lo != hi
+        interval = (f", 95 % bootstrap interval of B_crit {words.amount(lo)} to {words.amount(hi)}"
+                    if math.isfinite(lo) and math.isfinite(hi) and lo != hi
                     else f" (no interval: {fit.get('interval_reason') or 'unknown'})")
-        out.append(f"steps(B) = {fit['S_min']:.4g} (1 + {fit['B_crit']:.4g} / B) fitted over {fit['n_batches']} "
-                   f"batches (bench.fit: per-batch means, log least squares){interval}"
+        out.append(f"steps(B) = {words.amount(fit['S_min'])} (1 + {words.amount(fit['B_crit'])} / B) fitted over "
+                   f"{fit['n_batches']} batches (bench.fit: per-batch means, log least squares){interval}"
                    + "".join(f"; {c}" for c in caveats(fit)))
     else:
         out.append(f"no steps(B) fit ({fit.get('reason')}): only measured batches are planned")
     if fit.get("excluded"):
         out.append(f"left out of the fit (coarsely resolved crossings): {'; '.join(fit['excluded'])}")
     if gpu_memory_gib is None:
-        out.append("GPU memory capacity unknown: no memory headroom")
+        out.append(f"memory capacity per {d} unknown: no memory headroom")
     elif mem is None:
-        out.append("peak memory measured at fewer than two per-GPU batches: extrapolated memory unknown")
+        out.append(f"peak memory measured at fewer than two per-{d} batches: extrapolated memory unknown")
     return out
 
 
@@ -327,91 +396,7 @@ def _choose(result: PlanResult) -> None:
     if not meeting.empty:
         result.cheapest = meeting.iloc[0].to_dict()
         lines.insert(0, ("cheapest", result.cheapest, meeting.iloc[1].to_dict() if len(meeting) > 1 else None))
-    result.recommendation = _recommendation(result, lines)
+    result.recommendation = words.recommendation(result, lines, MIN_SPEEDUP_PER_DOUBLING)
 
 
-def versus(a: dict, b: dict | None, col: str = "time_to_target_s") -> str:
-    """Whether row a's time (or GPU-hours, col="gpu_hours") differs from row b's beyond the seed spread."""
-    if b is None:
-        return "no other configuration to compare with"
-    if a["source"] != "measured" or b["source"] != "measured":
-        return "an extrapolated row has no seed spread, so the difference from the next option is not established"
-    scale = {"gpu_hours": lambda row: row["num_gpus"] / 3600.0}.get(col, lambda row: 1.0)
-    unit = "GPU-h" if col == "gpu_hours" else "s"
-    widths = [row["time_resolution_s"] * scale(row) for row in (a, b)]
-    resolution = max((w for w in widths if math.isfinite(w)), default=math.nan)
-    return compare(Sample.of(t * scale(a) for t in a["time_runs_s"]), Sample.of(t * scale(b) for t in b["time_runs_s"]),
-                   unit=unit, resolution=resolution).phrase
-
-
-def _describe(row: dict, price: float | None) -> str:
-    cost = f", {row['cost']:.4g} per run at {price:g}/GPU-h" if price is not None else ""
-    n = row.get("num_nodes")
-    nodes = f" ({n:.0f} node{'s' * (n > 1)})" if n is not None and math.isfinite(n) and n > 0 else ""
-    return (f"global batch {row['global_batch_size']} on {row['num_gpus']} GPU(s){nodes}: "
-            f"{row['time_to_target_s']:.4g} s to target, {row['gpu_hours']:.4g} GPU-h{cost} "
-            f"[{_label(row)}]")
-
-
-def _label(row: dict) -> str:
-    if row["source"] == "extrapolated":
-        return row["note"]
-    return "measured" + (f"; {row['note']}" if row["note"] else "")
-
-
-def _recommendation(r: PlanResult, lines: list[tuple[str, dict, dict | None]]) -> str:
-    goal = f"within {r.deadline_s:g} s" if r.deadline_s else "(no deadline)"
-    out = [] if r.cheapest else [f"nothing reaches {r.target_text} {goal}; the fastest option is below"]
-    for kind, row, other in lines:
-        if kind == "cheapest":
-            out.append(f"cheapest {goal}: {_describe(row, r.gpu_hour_price)}; against the next cheapest "
-                       f"({other['global_batch_size'] if other else '-'} on {other['num_gpus'] if other else '-'} "
-                       f"GPU(s)): {versus(row, other, 'gpu_hours')}")
-        elif kind == "fastest":
-            out.append(f"fastest: {_describe(row, r.gpu_hour_price)}; against the next fastest "
-                       f"({other['global_batch_size'] if other else '-'} on {other['num_gpus'] if other else '-'} "
-                       f"GPU(s)): {versus(row, other)}")
-        else:
-            out.append(f"more GPUs stop helping beyond {r.gpus_stop_helping}: doubling them speeds the best "
-                       f"configuration up by less than {MIN_SPEEDUP_PER_DOUBLING:g}x ({versus(row, other)})")
-    return "\n".join(out)
-
-
-def plan_figure(result: PlanResult):
-    """Time-to-target vs GPUs, one line per global batch; filled markers measured, hollow
-    extrapolated; the deadline dashed. With times known at one GPU count only, time against the
-    global batch instead (one line). A matplotlib Figure (no pyplot state); tick labels are plain
-    numbers, and the data keep a margin from the frame."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
-
-    fig = Figure(figsize=(8.5, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    t = result.table.dropna(subset=["time_to_target_s"])
-    by_batch = t["num_gpus"].nunique() == 1
-    x, series = ("global_batch_size", "num_gpus") if by_batch else ("num_gpus", "global_batch_size")
-    for key, g in t.groupby(series):
-        (line,) = ax.plot(g[x], g["time_to_target_s"], "-", lw=1,
-                          label=f"{key} GPU(s)" if by_batch else f"batch {key}")
-        for source, fill in (("measured", line.get_color()), ("extrapolated", "none")):
-            s = g[g["source"] == source]
-            ax.plot(s[x], s["time_to_target_s"], "o", color=line.get_color(), mfc=fill, ls="none")
-    if result.deadline_s:
-        ax.axhline(result.deadline_s, color="k", ls="--", lw=1, label="deadline")
-    if result.cheapest:
-        ax.plot(result.cheapest[x], result.cheapest["time_to_target_s"], "*", ms=14, color="k",
-                label="cheapest meeting the deadline" if result.deadline_s else "cheapest")
-    ax.set(xscale="log", yscale="log", xlabel="global batch size" if by_batch else "GPUs",
-           ylabel=f"time to {result.target_text}{' accuracy' if result.target_metric == 'accuracy' else ''} (s)",
-           title="Capacity plan (filled: measured, hollow: extrapolated)"
-           + (f"; times known on {int(t['num_gpus'].iloc[0])} GPU(s) only" if by_batch else ""))
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.margins(x=0.08, y=0.12)
-    ticks = sorted(t[x].unique())
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticks(ticks, labels=[str(int(v)) for v in ticks])
-    if ax.get_legend_handles_labels()[0]:  # nothing reached the target: no line to name
-        fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize="small")  # hides no data
-    return fig
+from bench.planner_figure import plan_figure  # noqa: E402,F401  (the plan's figure; callers import it from here)

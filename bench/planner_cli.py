@@ -22,10 +22,27 @@ from pathlib import Path
 from typing import Callable
 
 from bench.errors import UserError
-from bench.planner import parse_duration_s, plan_capacity
+from bench import planner_text as words
+from bench.planner import parse_duration_s, plan_capacity, plan_context
 
 PRINT_COLUMNS = ["global_batch_size", "num_gpus", "num_nodes", "per_gpu_batch_size", "steps_to_target",
                  "time_to_target_s", "gpu_hours", "cost", "memory_headroom_gib", "meets_deadline", "source", "note"]
+
+
+def printable(result):
+    """The plan table as printed: a worker called what it is ("gpu" or "worker" in the column
+    names), times and device time each in one unit for the column (seconds, minutes or hours, by
+    the largest value), numbers written out to 4 significant figures."""
+    t = result.table[PRINT_COLUMNS].copy()
+    d = result.device.lower()
+    per_t, short, _ = words.time_unit(float(t["time_to_target_s"].max()))
+    device_s = t["gpu_hours"] * 3600.0
+    per_d, _, long = words.time_unit(float(device_s.max()))
+    t["time_to_target_s"] = t["time_to_target_s"] / per_t
+    t["gpu_hours"] = device_s / per_d
+    t["per_gpu_batch_size"] = t["per_gpu_batch_size"].round().astype(int)  # B % W == 0 in every row
+    return t.rename(columns={"num_gpus": f"num_{d}s", "per_gpu_batch_size": f"per_{d}_batch_size",
+                             "time_to_target_s": f"time_to_target_{short}", "gpu_hours": f"{d}_{long}"})
 
 
 def _number(option: str, text: str | None, allowed: str, ok: Callable[[float], bool],
@@ -109,6 +126,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if not records:
         raise UserError(f"no runs found under {', '.join(args.results)}", 1)
     price, per_node, memory = _cluster_defaults(records)
+    context = plan_context(records)
     comm_model, comm_notes = _comm_model(records, args)
     price = opts["gpu_hour_price"] if opts["gpu_hour_price"] is not None else price
     target = {"target_accuracy": opts["target_accuracy"], "target_loss": opts["target_loss"]}
@@ -116,11 +134,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         result = plan_capacity(analysis.runs_frame(records, **target), **target,
                                deadline_s=opts["deadline_s"], gpu_hour_price=price, max_gpus=opts["max_gpus"],
                                gpus_per_node=opts["gpus_per_node"] or per_node, gpu_memory_gib=memory,
-                               comm_model=comm_model, comm_notes=comm_notes)
+                               comm_model=comm_model, comm_notes=comm_notes, **context)
     except ValueError as err:
         raise UserError(str(err), 1) from None
     with pd.option_context("display.width", 250, "display.max_columns", None, "display.max_colwidth", 140):
-        print(result.table[PRINT_COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
+        print(printable(result).to_string(index=False, float_format=lambda v: words.amount(v, 4), na_rep="-"))
     print("\nassumptions:\n  " + "\n  ".join(result.assumptions))
     print("\n" + result.recommendation)
     return 0

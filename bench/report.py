@@ -152,21 +152,24 @@ def _capacity_figure(runs: pd.DataFrame, records) -> rf.FigureResult:
     from bench import planner
     from bench.stepmodel import planner_seam
 
-    title = "Capacity plan: time to target against GPUs"
+    context = planner.plan_context(records)
+    title = f"Capacity plan: time to target against {context['device']}s"
     if runs["sweep"].nunique() != 1:
         return rf.FigureResult("capacity", title, None, "capacity planning is per sweep; run `batchscale plan` on one")
     metric = runs["target_metric"].dropna().iloc[0] if "target_metric" in runs else "accuracy"
     target = float(runs[f"target_{metric}"].dropna().iloc[0])
     comm_model, comm_notes = planner_seam(records)
-    result = planner.plan_capacity(runs, **{f"target_{metric}": target}, comm_model=comm_model, comm_notes=comm_notes)
+    result = planner.plan_capacity(runs, **{f"target_{metric}": target}, comm_model=comm_model, comm_notes=comm_notes,
+                                   **context)
     if result.table is None or not result.table["time_to_target_s"].notna().any():
         return rf.FigureResult("capacity", title, None, result.recommendation or "nothing to plan from")
     recommendation = result.recommendation.replace("\n", "; ").rstrip(".")
+    scope = " ".join(f"{s[0].upper()}{s[1:]}." for s in result.scope)
+    drawn = result.table.dropna(subset=["time_to_target_s"])
+    markers = ("Hollow markers are extrapolated." if drawn["source"].eq("extrapolated").any()
+               else "Every point is measured.")
     return rf.FigureResult("capacity", title, planner.plan_figure(result),
-                           f"At target {result.target_text}: {recommendation}. Hollow markers are extrapolated; "
-                           + ("GPU counts beyond the measured ones use the step model: " + "; ".join(comm_notes)
-                              if comm_model is not None else
-                              "GPU counts beyond the measured ones are not planned (" + "; ".join(comm_notes) + ")."))
+                           f"At target {result.target_text}: {recommendation}. {markers} {scope}")
 
 
 def _png(fig) -> tuple[str, int, int]:

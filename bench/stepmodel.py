@@ -248,7 +248,8 @@ def planner_seam(records: Sequence[Any], *, measured: Link | None = None, gradie
                  ) -> tuple[Any, list[str]]:
     """What bench.planner needs for GPU counts beyond those measured: ``(efficiency, notes)``, where
     ``efficiency(num_gpus, per_gpu_batch)`` is the modelled step at one worker over the modelled
-    step at ``num_gpus`` (None where no link is known), and ``notes`` the model's assumptions.
+    step at ``num_gpus`` (None where no link is known), and ``notes`` the model's assumptions, one
+    clause each, for the planner to list after naming the model once (or why there is no model).
     ``gradient_bytes`` defaults to what the runs' summaries recorded; without it there is no model
     (``(None, [why])``)."""
     summaries = [r.summary for r in records if getattr(r, "summary", None) is not None]
@@ -270,4 +271,4 @@ def planner_seam(records: Sequence[Any], *, measured: Link | None = None, gradie
         one, many = model.predict(per_gpu_batch, 1), model.predict(per_gpu_batch, num_gpus)
         return None if many.step_s is None or one.step_s is None else one.step_s / many.step_s
 
-    return efficiency, ["communication model (bench.stepmodel, docs/communication.md): " + a for a in model.assumptions]
+    return efficiency, list(model.assumptions)

@@ -144,11 +144,11 @@ def test_recommendations_without_deadline(plan):
     # fastest: the measured batch 128 on 2 GPUs, 1.767 s; next: 256 on 2 GPUs, 125 x 256 / (2 r(128) eff(2)) = 1.846 s
     assert (plan.fastest["global_batch_size"], plan.fastest["num_gpus"]) == (128, 2)
     assert plan.fastest["time_to_target_s"] == pytest.approx(150 * 128 / 11520 + 0.1)
-    assert "next fastest (256 on 2 GPU(s)): an extrapolated row has no seed spread" in plan.recommendation
+    assert "next fastest (batch 256 on 2 GPUs): an extrapolated row has no seed spread" in plan.recommendation
     # cheapest in GPU-hours: the measured batch 128 on 1 GPU, 1.975 s; next: 64 on 1 GPU, 2.1 s. Per run,
     # 1.875/2.075 vs 2.0/2.2 s: gap 0.125 s, std 0.141 each, 2 SE = 0.283 s: within the seed spread
     assert (plan.cheapest["global_batch_size"], plan.cheapest["num_gpus"]) == (128, 1)
-    assert "next cheapest (64 on 1 GPU(s)): the gap" in plan.recommendation
+    assert "next cheapest (batch 64 on 1 GPU): the gap" in plan.recommendation
     assert "not a measured difference" in plan.recommendation
     # best time per GPU count: 1: 1.975, 2: 1.767 (1.12x per doubling); nothing known beyond 2
     assert plan.gpus_stop_helping is None and "stop helping" not in plan.recommendation
@@ -159,7 +159,7 @@ def test_cheapest_meeting_a_deadline():
     # within 1.9 s: (128, 2) 1.767 s x 2 GPUs = 0.000981 GPU-h and (256, 2) 1.846 s x 2 = 0.001026
     assert (result.cheapest["global_batch_size"], result.cheapest["num_gpus"]) == (128, 2)
     assert result.cheapest["cost"] == pytest.approx((150 * 128 / 11520 + 0.1) * 2 / 3600 * 2.0)
-    assert "cheapest within 1.9 s: global batch 128 on 2 GPU(s): 1.767 s to target" in result.recommendation
+    assert "cheapest within 1.9 s: global batch 128 on 2 GPUs: 1.77 s to target" in result.recommendation
     assert "[extrapolated from measured batches 32-128" not in result.recommendation.splitlines()[0]
     none = plan_capacity(_runs_df(), target_accuracy=0.9, deadline_s=0.5, max_gpus=16)
     assert none.cheapest is None and "nothing reaches 0.9 within 0.5 s" in none.recommendation
@@ -222,7 +222,7 @@ def test_cli_plan(tmp_path, capsys):
     args = parser.parse_args(["plan", str(sweep), "--target-accuracy", "0.8", "--deadline", "90m", "--max-gpus", "8"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "cheapest within 5400 s" in out and "at 3/GPU-h" in out and "measured" in out and "extrapolated" in out
+    assert "cheapest within 90 min" in out and "at 3 per worker-hour" in out and "measured" in out and "extrapolated" in out
 
 
 @pytest.mark.parametrize("argv, message", [
