@@ -208,13 +208,24 @@ def caveats(fit: dict[str, Any]) -> list[str]:
     return out
 
 
+def _b_simple_by_batch(sweep_runs: Any) -> dict[float, list[float]]:
+    """Each global batch's runs' B_simple (finite values only), for the report to show their range."""
+    if not len(sweep_runs) or "global_batch_size" not in sweep_runs:
+        return {}
+    known = sweep_runs.dropna(subset=["noise_scale_b_simple"])
+    return {float(b): [float(x) for x in g] for b, g in known.groupby("global_batch_size")["noise_scale_b_simple"]}
+
+
 def critical_batch(sweep_runs: Any, fit: dict[str, Any]) -> dict[str, Any]:
     """One sweep's two estimates of the critical batch: B_crit from the steps(B) fit and the in-run
     B_simple (median over runs of each run's late-training median), their ratio, whether they
-    agree within NOISE_AGREEMENT, and otherwise why not (a sentence for the report)."""
+    agree within NOISE_AGREEMENT, and otherwise why not (a sentence for the report); and each
+    batch's B_simple values (``B_simple_by_batch``), since the pooled median depends on which
+    batches were run."""
     b_crit = float(fit.get("B_crit", math.nan))
     b_simple = float(sweep_runs["noise_scale_b_simple"].median()) if len(sweep_runs) else math.nan
-    out = {"B_crit": b_crit, "B_simple": b_simple, "ratio": math.nan, "agree": None, "why_not": None}
+    out = {"B_crit": b_crit, "B_simple": b_simple, "ratio": math.nan, "agree": None, "why_not": None,
+           "B_simple_by_batch": _b_simple_by_batch(sweep_runs)}
     if not math.isfinite(b_simple):
         out["why_not"] = ("no run measured the gradient noise scale (set noise_scale_every_steps; one worker "
                           "also needs gradient accumulation, so that there are two batch sizes to compare)")

@@ -1,7 +1,7 @@
 """Captions of the report's figures (bench.report_captions, bench.report_figures, bench.report_hardware)
 on synthetic run tables with known answers: sweeps compared at a shared batch, runs that stopped early
 kept out of comparisons and named, the LR caption per sweep, throughput and memory never pooled across
-sweeps, the memory axis and the throughput log axis.
+sweeps, the memory axis and the throughput log axis, and B_simple beside B_crit.
 
 The numbers are those of the committed results the review checked (results/digits-huge-batch-*,
 shapes-gpu, seed-blobs, digits-linear-noise), typed in here so that each test is a closed problem."""
@@ -17,6 +17,7 @@ import pytest
 from bench import report_captions as rc
 from bench import report_figures as rf
 from bench import report_hardware as rh
+from bench.fit import critical_batch
 from bench.run_facts import V1_CRITERION
 
 NO, WU = "digits-huge-batch-no-warmup", "digits-huge-batch-warmup"
@@ -224,3 +225,36 @@ def test_throughput_points_do_not_touch_the_frame(shapes):
     assert ax.get_yscale() == "log" and ax.get_ylim() == (20_000, 500_000)
     labelled = [t for t in ax.get_yticks() if 20_000 <= t <= 500_000]
     assert labelled == [20_000, 50_000, 100_000, 200_000, 500_000]
+
+
+# --- L3: B_simple beside B_crit -----------------------------------------------------------------
+
+def noise_runs(per_batch: dict[int, list[float]]) -> pd.DataFrame:
+    return pd.DataFrame([{"global_batch_size": b, "noise_scale_b_simple": v} for b, vs in per_batch.items() for v in vs])
+
+
+def test_a_pooled_median_within_3x_is_not_called_agreement_when_the_batches_span_both_sides():
+    # as digits-linear-noise: B_crit 225, per-batch B_simple from 684 at batch 16 down to 36.2 at 1024
+    # (here std 408 = sqrt((284^2 + 184^2 + 468^2) / 2) and 14 at 1024)
+    c = critical_batch(noise_runs({16: [400.0, 500.0, 1152.0], 128: [116.0, 110.0, 120.0], 1024: [22.2, 36.2, 50.2]}),
+                       {"B_crit": 225.0})
+    assert c["agree"] is True  # the pooled median, 116, is 0.52x B_crit
+    text = rc.noise_scale_text(c)
+    assert "B_simple = 116 (median over 9 runs at 3 batch sizes; no interval; per-batch mean from 36.2 ± 14 (n = 3) " \
+           "at batch 1024 to 684 ± 408 (n = 3) at batch 16)" in text
+    assert ("ratio B_simple / B_crit = 0.52: the pooled median is within 3x of B_crit; per batch it ranges from 36.2 "
+            "to 684 (0.161x to 3.04x B_crit)") in text
+    assert "they agree" not in text
+
+
+def test_agreement_needs_every_batch_within_3x_and_single_runs_leave_the_spread_unknown():
+    c = critical_batch(noise_runs({256: [426.0], 1024: [316.0]}), {"B_crit": 295.0})  # lm-tiny, one seed
+    text = rc.noise_scale_text(c)
+    assert "one run per batch: the spread between seeds is unknown" in text
+    assert "every batch's B_simple lies within 3x of B_crit (1.07x to 1.44x): they agree within 3x" in text
+    assert text.endswith("from single runs, so the spread is unknown")
+
+
+def test_no_noise_scale_gives_the_reason():
+    c = critical_batch(noise_runs({16: [math.nan]}), {"B_crit": 225.0})
+    assert rc.noise_scale_text(c).startswith("; no agreement to report: no run measured the gradient noise scale")
