@@ -208,21 +208,24 @@ def caveats(fit: dict[str, Any]) -> list[str]:
     return out
 
 
+def _b_simple_by_batch(sweep_runs: Any) -> dict[float, list[float]]:
+    """Each global batch's runs' B_simple (finite values only), for the report to show their range."""
+    if not len(sweep_runs) or "global_batch_size" not in sweep_runs:
+        return {}
+    known = sweep_runs.dropna(subset=["noise_scale_b_simple"])
+    return {float(b): [float(x) for x in g] for b, g in known.groupby("global_batch_size")["noise_scale_b_simple"]}
+
+
 def critical_batch(sweep_runs: Any, fit: dict[str, Any]) -> dict[str, Any]:
     """One sweep's two estimates of the critical batch: B_crit from the steps(B) fit and the in-run
     B_simple (median over runs of each run's late-training median), their ratio, whether they
-    agree within NOISE_AGREEMENT, and otherwise why not (a sentence for the report).
-
-    ``basis`` says what the pooled B_simple rests on, for the sentence beside any agreement: how
-    many runs measured it, over how many batch sizes and seeds, the range of the per-batch medians
-    (B_simple grows through training, so short large-batch runs report smaller values and the
-    pooled median depends on which batches ran), and that it has no interval."""
+    agree within NOISE_AGREEMENT, and otherwise why not (a sentence for the report); and each
+    batch's B_simple values (``B_simple_by_batch``), since the pooled median depends on which
+    batches were run."""
     b_crit = float(fit.get("B_crit", math.nan))
     b_simple = float(sweep_runs["noise_scale_b_simple"].median()) if len(sweep_runs) else math.nan
     out = {"B_crit": b_crit, "B_simple": b_simple, "ratio": math.nan, "agree": None, "why_not": None,
-           "basis": None}
-    if math.isfinite(b_simple):
-        out["basis"] = _b_simple_basis(sweep_runs)
+           "B_simple_by_batch": _b_simple_by_batch(sweep_runs)}
     if not math.isfinite(b_simple):
         out["why_not"] = ("no run measured the gradient noise scale (set noise_scale_every_steps; one worker "
                           "also needs gradient accumulation, so that there are two batch sizes to compare)")
@@ -236,22 +239,3 @@ def critical_batch(sweep_runs: Any, fit: dict[str, Any]) -> dict[str, Any]:
                               "scale late in training under a simplifying isotropic-Hessian assumption, while B_crit "
                               "summarises the whole run to the target, whose accuracy also sets it")
     return out
-
-
-def _b_simple_basis(sweep_runs: Any) -> str:
-    """What a pooled B_simple rests on (see ``critical_batch``)."""
-    measured = sweep_runs[sweep_runs["noise_scale_b_simple"].notna()]
-    n_runs = len(measured)
-    text = f"the median of {n_runs} run(s)"
-    if "global_batch_size" in measured.columns:
-        per_batch = measured.groupby("global_batch_size")["noise_scale_b_simple"].median()
-        text += f" at {len(per_batch)} batch size(s)"
-        if len(per_batch) > 1:
-            lo, hi = float(per_batch.min()), float(per_batch.max())
-            text += (f"; per batch it ranges from {lo:.3g} (batch {per_batch.idxmin():g}) to {hi:.3g} "
-                     f"(batch {per_batch.idxmax():g}), {hi / lo:.1f}x")
-    seeds = measured["seed"].nunique() if "seed" in measured.columns else None
-    if seeds == 1:
-        text += "; one seed, so its spread is unknown"
-    return text + "; B_simple has no interval"
-

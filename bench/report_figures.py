@@ -4,8 +4,10 @@ Owns: the colour per global batch size (one palette shared by every figure), the
 line style per sweep, the shared axes helpers, the figures of learning curves, generalisation
 and the LR schedule (scaling to the target: bench.report_scaling; throughput, memory and
 telemetry: bench.report_hardware),
-and the caption computed from the data each plot shows; a caption that compares batches says
-whether the difference exceeds the seed spread (bench.spread). A figure whose data is absent
+and the caption computed from the data each plot shows (its wording, shared by every figure:
+bench.report_captions); a caption that compares batches says whether the difference exceeds the
+seed spread (bench.spread), and runs that stopped early are drawn as red crosses, named, and left
+out of means and comparisons. A figure whose data is absent
 comes back without a Figure and with the caption saying why, so the page shows a note instead.
 
 Text from folders and configs enters a figure only through ``tex`` (a '$' in a sweep name is
@@ -33,7 +35,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from bench import analysis as an
-from bench.spread import Sample, compare
+from bench import report_captions as rc_
+from bench.report_captions import caption_label, fmt, versus  # noqa: F401 (shared: rf.fmt, rf.caption_label)
 
 _RC_OVERRIDES = {  # smaller than seaborn's "paper" scale, and no font the machine may lack
     "font.sans-serif": ["DejaVu Sans"], "font.size": 9, "axes.labelsize": 9, "axes.titlesize": 9.5,
@@ -92,12 +95,6 @@ def tex(text: object) -> str:
     return str(text).replace("$", r"\$")
 
 
-def fmt(x: float, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "—"
-    return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
-
-
 def batch_axis(ax, batches) -> None:
     batches = sorted({int(b) for b in batches})
     ax.set_xscale("log", base=2)
@@ -119,6 +116,33 @@ def log_y(ax, values, *, force: bool = False) -> str:
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: fmt(y)))
     ax.yaxis.set_minor_formatter(NullFormatter())
     return " (log)"
+
+
+def _nice_125(x: float, up: bool) -> float:
+    """The nearest of 1, 2, 5 x 10^k at or above x (up) or at or below it."""
+    k = math.floor(math.log10(x))
+    steps = [m * 10.0**e for e in (k - 1, k, k + 1) for m in (1, 2, 5)]
+    return min(v for v in steps if v >= x * (1 - 1e-9)) if up else max(v for v in steps if v <= x * (1 + 1e-9))
+
+
+def log_limits(ax, values, headroom: float = 1.1) -> None:
+    """On a log y axis (``log_y``), limits at the 1-2-5 ticks just outside the data with at least
+    `headroom` (a factor) to spare, so both ends carry a labelled tick and no point touches the frame."""
+    v = pd.to_numeric(pd.Series(values), errors="coerce").dropna()
+    v = v[v > 0]
+    if ax.get_yscale() == "log" and len(v):
+        ax.set_ylim(_nice_125(v.min() / headroom, up=False), _nice_125(v.max() * headroom, up=True))
+
+
+def pad_linear_y(ax, values, frac: float = 0.05) -> None:
+    """On a linear y axis, at least ±frac of the values' mean around them, so that a spread tiny next
+    to the level (0.8905-0.8910 GiB) does not fill the axis and look like a trend."""
+    v = pd.to_numeric(pd.Series(values), errors="coerce").dropna()
+    if ax.get_yscale() != "linear" or v.empty or not math.isfinite(v.mean()) or v.mean() == 0:
+        return
+    mid, half = (v.max() + v.min()) / 2, max((v.max() - v.min()) / 2, frac * abs(v.mean()))
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(min(lo, mid - half * 1.1), max(hi, mid + half * 1.1))
 
 
 def new_figure(ncols: int = 2, nrows: int = 1, width: float = 10.0, height: float = 3.6, *,
@@ -147,16 +171,6 @@ def legend_below(fig, ax, ncol: int = 3) -> None:
 def sweep_label(sweep: str, multi: bool) -> str:
     """' (sweep)' after a label when several sweeps share a figure (escaped: see ``tex``)."""
     return f" ({tex(sweep)})" if multi else ""
-
-
-def caption_label(sweep: str, multi: bool) -> str:
-    """The same for a caption (HTML-escaped by the page, not by matplotlib)."""
-    return f" ({sweep})" if multi else ""
-
-
-def versus(runs: pd.DataFrame, col: str, a: float, b: float, unit: str = "") -> str:
-    """The seed-spread phrase for one column between two global batches (bench.spread)."""
-    return an.compare_batches(runs, col, a, b, unit=unit).phrase
 
 
 def _mean_lines(ax, runs: pd.DataFrame, col: str, style: Style, label: str = "", open_marker=False) -> None:
@@ -197,16 +211,7 @@ def fig_learning_curves(curves: pd.DataFrame, style: Style) -> FigureResult:
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel("accuracy")
-    final = curves.sort_values("epoch").groupby(["sweep", "global_batch_size", "run_id"]).tail(1)
-    best = final.groupby(["sweep", "global_batch_size"])["test_acc"].mean().dropna()
-    caption = "All panels share one y axis; bands span the seeds (min to max)."
-    if len(best) > 1:
-        (hs, hb), (ls_, lb) = best.idxmax(), best.idxmin()
-        finals = {k: Sample.of(g["test_acc"]) for k, g in final.groupby(["sweep", "global_batch_size"])}
-        caption = (f"Batch {hb}{caption_label(hs, multi)} ends highest at {best.max():.3f} mean test accuracy and "
-                   f"batch {lb}{caption_label(ls_, multi)} lowest at {best.min():.3f}: "
-                   f"{compare(finals[(hs, hb)], finals[(ls_, lb)]).phrase}; " + caption[0].lower() + caption[1:])
-    return FigureResult("curves", title, fig, caption)
+    return FigureResult("curves", title, fig, rc_.curves_caption(curves, multi))
 
 
 # --- (2) generalisation -----------------------------------------------------------------------
@@ -216,25 +221,27 @@ def fig_generalisation(runs: pd.DataFrame, style: Style) -> FigureResult:
     done = runs.dropna(subset=["final_test_acc"])
     if done.empty:
         return FigureResult("gap", title, None, "No run finished with a final accuracy, so there is no gap to show.")
+    completed, early = done[~rc_.stopped(done)], done[rc_.stopped(done)]
     fig, axes = new_figure(2)
-    _mean_lines(axes[0, 0], done, "final_train_acc", style, "train", open_marker=True)
-    _mean_lines(axes[0, 0], done, "final_test_acc", style, "test")
+    _mean_lines(axes[0, 0], completed, "final_train_acc", style, "train", open_marker=True)
+    _mean_lines(axes[0, 0], completed, "final_test_acc", style, "test")
+    _mean_lines(axes[0, 1], completed, "gap_acc", style)
+    for ax, col in ((axes[0, 0], "final_test_acc"), (axes[0, 1], "gap_acc")):
+        if len(early):
+            ax.scatter(early["global_batch_size"], early[col], marker="x", s=30, color="tab:red", zorder=4,
+                       label="stopped early (not in the means)")
     axes[0, 0].set_ylabel("final accuracy")
     axes[0, 0].legend(loc="best")
-    _mean_lines(axes[0, 1], done, "gap_acc", style)
     axes[0, 1].set_ylabel("train − test accuracy")
     for ax in axes.flat:
         batch_axis(ax, runs["global_batch_size"])
-    sentences, multi = [], runs["sweep"].nunique() > 1
-    for sweep, g in done.groupby("sweep"):
-        test = g.groupby("global_batch_size")[["final_test_acc", "gap_acc"]].mean()
-        lo, hi = test.index.min(), test.index.max()
-        if lo == hi:
-            continue
-        sentences.append(f"Final test accuracy goes from {test.loc[lo, 'final_test_acc']:.3f} at batch {lo} to "
-                         f"{test.loc[hi, 'final_test_acc']:.3f} at batch {hi}{caption_label(sweep, multi)} "
-                         f"({versus(g, 'final_test_acc', lo, hi)}) and the gap from {test.loc[lo, 'gap_acc']:+.3f} "
-                         f"to {test.loc[hi, 'gap_acc']:+.3f} ({versus(g, 'gap_acc', lo, hi)}).")
+    multi = runs["sweep"].nunique() > 1
+    sentences = [t for sweep, g in completed.groupby("sweep")
+                 if (t := rc_.within_sweep(g, sweep if multi else "", completed=len(early) > 0))]
+    sentences += rc_.across_sweeps(done)
+    note = rc_.stopped_text(rc_.stopped_groups(done), multi, then="their final accuracy is where they stopped, so "
+                            "they are drawn as red crosses and left out of the means and comparisons")
+    sentences += [note] if note else []
     return FigureResult("gap", title, fig, " ".join(sentences) or "Only one global batch finished: nothing to compare.")
 
 
@@ -272,24 +279,4 @@ def fig_lr(lr: pd.DataFrame, runs: pd.DataFrame, style: Style) -> FigureResult:
     ax.set_xlabel("epoch")
     ax.set_ylabel("learning rate" + log_y(ax, lr["lr"]))
     ax.legend(fontsize=7, ncol=2)
-    return FigureResult("lr", title, fig, _lr_caption(lr, runs))
-
-
-def _lr_caption(lr: pd.DataFrame, runs: pd.DataFrame) -> str:
-    """Planned peaks (the plan's, not the largest LR applied: a run that diverged in warmup never
-    applied its peak) and where the largest batch reached its peak, or did not."""
-    peaks = runs.groupby("global_batch_size")["peak_lr"].first().dropna()
-    if peaks.empty:
-        return "The LR each batch applied, as logged."
-    b0, p0, b1, p1 = peaks.index[0], peaks.iloc[0], peaks.index[-1], peaks.iloc[-1]
-    text = (f"Planned peak LR goes from {fmt(p0)} at batch {b0} to {fmt(p1)} at batch {b1} "
-            f"({p1 / p0:.3g}x for a {b1 / b0:.3g}x larger batch)")
-    top = runs[runs["global_batch_size"] == b1]
-    warm = top[top["failure_before_peak"].eq(True)] if "failure_before_peak" in top else top.iloc[:0]
-    applied = lr[lr["global_batch_size"] == b1]
-    if len(warm) == len(top) and len(top):
-        text += (f"; batch {b1} diverged during warmup at LR {fmt(warm['failure_lr'].max())}, before reaching it, "
-                 "so it tests the warmup, not the scaling rule's peak")
-    elif len(applied) and applied["lr"].max() >= 0.999 * p1:
-        text += f", reached after {fmt(applied.loc[applied['lr'] >= 0.999 * p1, 'epoch'].min())} epoch(s) at batch {b1}"
-    return text + "."
+    return FigureResult("lr", title, fig, rc_.lr_caption(lr, runs))

@@ -14,9 +14,12 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+from matplotlib.ticker import FuncFormatter
 
-from bench.report_figures import (LINESTYLES, FigureResult, Style, batch_axis, by_workers, fmt, legend_below,
-                                  log_y, new_figure, sweep_label, versus)
+from bench import analysis as an
+from bench.report_captions import caption_label, fmt, stopped, stopped_groups, stopped_text, versus
+from bench.report_figures import (LINESTYLES, FigureResult, Style, batch_axis, by_workers, legend_below, log_limits,
+                                  log_y, new_figure, pad_linear_y, sweep_label)
 from bench.run_facts import V1_MEMORY, V1_RESERVED
 from bench.spread import Sample, compare
 
@@ -25,6 +28,8 @@ def fig_throughput(runs: pd.DataFrame, eff: pd.DataFrame, style: Style) -> Figur
     title = "Training throughput and scaling efficiency"
     if runs["samples_per_s"].isna().all():
         return FigureResult("throughput", title, None, "No run recorded a throughput (samples/s).")
+    if stopped(runs).any():  # a run stopped after a few steps: its throughput stays out of the lines
+        eff = an.scaling_efficiency(runs[~stopped(runs)])
     fig, axes = new_figure(2)
     ax = axes[0, 0]
     for (sweep, workers), g in eff.dropna(subset=["samples_per_s"]).groupby(["sweep", "num_workers"]):
@@ -33,8 +38,16 @@ def fig_throughput(runs: pd.DataFrame, eff: pd.DataFrame, style: Style) -> Figur
                 label=f"{workers} worker(s)" + sweep_label(sweep, runs['sweep'].nunique() > 1))
     ax.scatter(runs["global_batch_size"], runs["samples_per_s"], s=12, zorder=3,
                c=[style.colour(b) for b in runs["global_batch_size"]])
+    early = runs[stopped(runs)].dropna(subset=["samples_per_s"])
+    if len(early):
+        ax.scatter(early["global_batch_size"], early["samples_per_s"], marker="x", s=40, color="tab:red", zorder=4,
+                   label="run stopped early (few steps)")
     batch_axis(ax, runs["global_batch_size"])
     ax.set_ylabel("samples/s" + log_y(ax, runs["samples_per_s"]))
+    log_limits(ax, runs["samples_per_s"])
+    pad_linear_y(ax, runs["samples_per_s"])
+    if ax.get_yscale() == "linear":
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: fmt(y)))
     ax.legend(fontsize=7)
     measured = eff[eff["num_workers"] > 1].dropna(subset=["scaling_efficiency"])
     ax = axes[0, 1]
@@ -45,15 +58,33 @@ def fig_throughput(runs: pd.DataFrame, eff: pd.DataFrame, style: Style) -> Figur
     else:
         by_workers(ax, eff, "scaling_efficiency", style, "throughput per worker / 1 worker")
         ax.axhline(1.0, color="0.6", ls=":", lw=1)
-    lo, hi = runs.groupby("global_batch_size")["samples_per_s"].mean().dropna().iloc[[0, -1]].items()
-    caption = f"Throughput goes from {fmt(lo[1])} samples/s at batch {lo[0]} to {fmt(hi[1])} at batch {hi[0]}"
-    if runs["sweep"].nunique() == 1 and lo[0] != hi[0]:
-        caption += f" ({versus(runs, 'samples_per_s', lo[0], hi[0], 'samples/s')})"
+    return FigureResult("throughput", title, fig, _throughput_caption(runs, measured))
+
+
+def _throughput_caption(runs: pd.DataFrame, measured: pd.DataFrame) -> str:
+    """Per sweep (never pooled): smallest vs largest batch with the seed-spread verdict; runs that
+    stopped early are named, since their throughput comes from the few steps they ran."""
+    multi = runs["sweep"].nunique() > 1
+    sentences = []
+    early = stopped(runs)
+    of = " of the completed runs" if early.any() else ""
+    for sweep, g in runs[~early].dropna(subset=["samples_per_s"]).groupby("sweep"):
+        means = g.groupby("global_batch_size")["samples_per_s"].mean()
+        lo, hi = means.index[0], means.index[-1]
+        lead = f"{sweep}: throughput{of}" if multi else f"Throughput{of}"
+        if lo == hi:
+            sentences.append(f"{lead} is {fmt(means[lo])} samples/s at batch {lo}.")
+            continue
+        sentences.append(f"{lead} goes from {fmt(means[lo])} samples/s at batch {lo} to {fmt(means[hi])} at batch "
+                         f"{hi} ({versus(g, 'samples_per_s', lo, hi, 'samples/s')}).")
     if not measured.empty:
         worst = measured.loc[measured["scaling_efficiency"].idxmin()]
-        caption += (f"; the lowest scaling efficiency is {worst.scaling_efficiency:.0%} at batch "
-                    f"{worst.global_batch_size:.0f} on {worst.num_workers:.0f} workers")
-    return FigureResult("throughput", title, fig, caption + ".")
+        sentences.append(f"The lowest scaling efficiency is {worst.scaling_efficiency:.0%} at batch "
+                         f"{worst.global_batch_size:.0f} on {worst.num_workers:.0f} workers"
+                         f"{caption_label(worst.sweep, multi)}.")
+    short = stopped_text(stopped_groups(runs), multi, then="their throughput (red crosses) comes from those steps "
+                         "alone and is left out of the comparison")
+    return " ".join(sentences + ([short] if short else []))
 
 
 MEMORY_SERIES = (  # column, marker, filled, label
@@ -99,19 +130,16 @@ def fig_memory(runs: pd.DataFrame, style: Style) -> FigureResult:
     batch_axis(ax, df["per_worker_batch_size"].dropna())
     ax.set_xlabel("per-worker batch size")
     ax.set_ylabel("GiB")
+    pad_linear_y(ax, df[cols].stack())
     legend_below(fig, ax, ncol=2)
     return FigureResult("memory", title, fig, _memory_caption(df, cols[0], v1))
 
 
 def _memory_caption(df: pd.DataFrame, col: str, v1: pd.Series) -> str:
     label = next(label for c, _, _, label in MEMORY_SERIES if c == col)
-    m = df.groupby("per_worker_batch_size")[col].max().dropna()
-    text = f"{label} goes from {m.iloc[0]:.3g} GiB at per-worker batch {m.index[0]:g} to {m.iloc[-1]:.3g} GiB at {m.index[-1]:g}"
-    if len(m) > 1:
-        lo, hi = (df[df["per_worker_batch_size"] == b] for b in (m.index[0], m.index[-1]))
-        text += f" ({compare(Sample.of(lo[col]), Sample.of(hi[col]), unit='GiB').phrase})"
-        if not m.is_monotonic_increasing:
-            text += "; it does not grow at every step of the per-worker batch"
+    multi = df["sweep"].nunique() > 1
+    text = "; ".join(_memory_sweep(g, col, f"{sweep}: {label}" if multi else label[0].upper() + label[1:])
+                     for sweep, g in df.dropna(subset=[col]).groupby("sweep"))  # never pooled across sweeps
     notes = [text]
     if df["nvml_peak_gib"].notna().any():
         notes.append("NVML absolute is the whole device's memory in use (CUDA context, other processes and memory "
@@ -121,6 +149,24 @@ def _memory_caption(df: pd.DataFrame, col: str, v1: pd.Series) -> str:
         notes += [f"runs with v1 summaries (hollow training peaks): {V1_MEMORY}", V1_RESERVED,
                   "their summaries' torch_peak_* covered only the final evaluation and are not plotted"]
     return "; ".join(notes) + ". Colour = global batch size."
+
+
+def _memory_sweep(g: pd.DataFrame, col: str, lead: str) -> str:
+    """Smallest vs largest per-worker batch of one sweep: 'flat within x MiB' when the per-batch means
+    span at most 5 % of their level and the gap is not beyond the seed spread, else 'goes from'."""
+    means = g.groupby("per_worker_batch_size")[col].mean()
+    lo, hi = means.index[0], means.index[-1]
+    if lo == hi:
+        return f"{lead} is {means[lo]:.3g} GiB at per-worker batch {lo:g}"
+    span = means.max() - means.min()
+    mib = span < 0.1  # GiB: a small gap reads better in MiB
+    scale, unit = (1024.0, "MiB") if mib else (1.0, "GiB")
+    verdict = compare(*(Sample.of(g.loc[g["per_worker_batch_size"] == b, col] * scale) for b in (lo, hi)), unit=unit)
+    if verdict.kind != "beyond" and span <= 0.05 * abs(means.mean()):
+        return (f"{lead} stays flat within {span * 1024:.2g} MiB ({means.min():.4g} to {means.max():.4g} GiB over "
+                f"per-worker batches {lo:g} to {hi:g}; smallest vs largest: {verdict.phrase})")
+    text = f"{lead} goes from {means[lo]:.3g} GiB at per-worker batch {lo:g} to {means[hi]:.3g} GiB at {hi:g} ({verdict.phrase})"
+    return text + ("; it does not grow at every step of the per-worker batch" if not means.is_monotonic_increasing else "")
 
 
 def _thin(g: pd.DataFrame, max_points: int = 300) -> pd.DataFrame:

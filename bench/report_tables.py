@@ -19,7 +19,8 @@ import pandas as pd
 
 from bench import analysis as an
 from bench import report_figures as rf
-from bench.fit import BOOTSTRAP_RESAMPLES, CONFIDENCE, MAX_RESOLUTION_FRACTION, NOISE_AGREEMENT, caveats
+from bench.fit import BOOTSTRAP_RESAMPLES, CONFIDENCE, MAX_RESOLUTION_FRACTION, caveats
+from bench.report_captions import noise_scale_text
 from bench.report_text import esc
 
 
@@ -121,13 +122,7 @@ def critical_html(critical: dict[str, dict], fits: dict[str, dict]) -> str:
         if fit.get("excluded"):
             text += (f"; left out of the fit as resolved more coarsely than {MAX_RESOLUTION_FRACTION:.0%} of their "
                      "mean steps-to-target: " + "; ".join(fit["excluded"]))
-        if math.isfinite(c["B_simple"]):
-            text += f"; in-run gradient noise scale B_simple = {rf.fmt(c['B_simple'])}"
-        if c["agree"]:
-            text += (f"; ratio B_simple / B_crit = {c['ratio']:.2f}: they agree within {NOISE_AGREEMENT:g}x, "
-                     "as in McCandlish et al. (2018)")
-        elif c["why_not"]:
-            text += f"; no agreement to report: {c['why_not']}"
+        text += noise_scale_text(c)  # B_simple with its runs, per-batch range and no interval (bench.report_captions)
         items.append(f"<li><b>{esc(sweep)}</b>: {esc(text)}.</li>")
     how = ("Estimator: steps(B) = S_min (1 + B_crit / B) fitted to one point per batch size (the mean of its runs' "
            f"first crossings) by least squares on log(steps); interval: percentile bootstrap ({BOOTSTRAP_RESAMPLES:,} "

@@ -192,17 +192,3 @@ def test_critical_batch_compares_b_simple_with_the_fitted_b_crit():
     assert none["agree"] is None and "no run measured the gradient noise scale" in none["why_not"]
     unfit = an.critical_batch(runs, {"B_crit": math.nan, "reason": "fewer than two batch sizes reached the target"})
     assert unfit["why_not"] == "B_crit could not be fitted: fewer than two batch sizes reached the target"
-
-
-def test_critical_batch_says_what_the_pooled_b_simple_rests_on():
-    """digits-linear-noise's shape: B_simple falls with the batch (short runs see early training),
-    so a pooled median within 3x of B_crit is reported beside its per-batch range."""
-    runs = pd.DataFrame({"global_batch_size": [16, 16, 1024, 1024], "seed": [0, 1, 0, 1],
-                         "noise_scale_b_simple": [600.0, 700.0, 30.0, 40.0]})
-    c = an.critical_batch(runs, {"B_crit": 225.0})
-    assert c["B_simple"] == 320.0 and c["agree"] is True
-    assert c["basis"] == ("the median of 4 run(s) at 2 batch size(s); per batch it ranges from 35 (batch 1024) "
-                          "to 650 (batch 16), 18.6x; B_simple has no interval")
-    one_seed = an.critical_batch(runs[runs.seed == 0], {"B_crit": 225.0})
-    assert "one seed, so its spread is unknown" in one_seed["basis"]
-    assert an.critical_batch(pd.DataFrame({"noise_scale_b_simple": [math.nan]}), {"B_crit": 1.0})["basis"] is None
