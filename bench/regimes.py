@@ -21,7 +21,7 @@ Must not import: torch, ray, matplotlib, bench.store.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -98,10 +98,10 @@ def segment_verdict(prev: pd.DataFrame, this: pd.DataFrame, batch_prev: float, b
     a, b = Sample.of(prev[col]), Sample.of(this[col])
     res_a, res_b = _resolution(prev, col), _resolution(this, col)
     gap = compare(a, b, resolution=max([w for w in (res_a, res_b) if math.isfinite(w)], default=math.nan))
-    if gap.kind in ("within", "unresolved"):
-        return NOT_RESOLVED, gap.short
     doublings = math.log2(batch / batch_prev)
     per_doubling = (a.mean / b.mean) ** (1 / doublings)
+    if gap.kind in ("within", "unresolved"):
+        return NOT_RESOLVED, f"{per_doubling:.2f}x per doubling; gap {gap.short}"
     regime = regime_of(per_doubling)
     bounds = {PERFECT: [PERFECT_MIN_SPEEDUP], MAXIMAL: [MAXIMAL_MAX_SPEEDUP],
               DIMINISHING: [PERFECT_MIN_SPEEDUP, MAXIMAL_MAX_SPEEDUP]}.get(regime, [])
@@ -111,8 +111,8 @@ def segment_verdict(prev: pd.DataFrame, this: pd.DataFrame, batch_prev: float, b
         widths = [w for w in (res_b, res_a / f) if math.isfinite(w)]
         v = compare(expected, b, resolution=max(widths, default=math.nan))
         if v.kind in ("within", "unresolved"):
-            return NOT_RESOLVED, f"{per_doubling:.2f}x per doubling vs the {c:g}x boundary: {v.short}"
-    return regime, gap.short
+            return NOT_RESOLVED, f"{per_doubling:.2f}x per doubling; vs the {c:g}x boundary: {v.short}"
+    return regime, f"{per_doubling:.2f}x per doubling; gap {gap.short}"
 
 
 def speedup_frame(runs_df: pd.DataFrame) -> pd.DataFrame:
@@ -155,13 +155,31 @@ def speedup_frame(runs_df: pd.DataFrame) -> pd.DataFrame:
 def perfect_span(speed: pd.DataFrame) -> tuple[float | None, list[str]]:
     """One sweep's speedup_frame rows -> (the largest batch up to which every segment from the
     smallest reached batch is stated as perfect scaling, or None when the first segment is not),
-    and one phrase per segment: 'b0→b1: 1.77x per doubling, not resolved (evidence)'."""
+    and one phrase per segment: 'b0→b1: not resolved (1.77x per doubling; vs the 1.8x boundary: ...)'."""
     rows = speed.dropna(subset=["previous_batch"]).sort_values("global_batch_size")
     phrases, span, contiguous = [], None, True
     for r in rows.itertuples():
-        phrases.append(f"{r.previous_batch:g}→{r.global_batch_size:g}: {r.speedup_per_doubling:.2f}x per doubling, "
-                       f"{r.regime} ({r.regime_noise})")
+        phrases.append(f"{r.previous_batch:g}→{r.global_batch_size:g}: {r.regime} ({r.regime_noise})")
         contiguous = contiguous and r.regime == PERFECT
         if contiguous:
             span = r.global_batch_size
     return span, phrases
+
+
+def partial_batches(sweep_runs: pd.DataFrame, batches: Any = None) -> list[str]:
+    """'batch 1024 (1 of 3 runs reached)' for each batch (of ``batches``, default all) where some
+    but not all runs reached the target: a fit or a B_crit statement resting on it must say so."""
+    out = []
+    for b, g in sweep_runs.groupby("global_batch_size"):
+        k, n = int(g["steps_to_target"].notna().sum()), len(g)
+        if 0 < k < n and (batches is None or b in set(batches)):
+            out.append(f"batch {b:g} ({k} of {n} runs reached)")
+    return out
+
+
+def fit_rests_on(sweep_runs: pd.DataFrame, fit: dict) -> str:
+    """'; it rests on batch 1024 (1 of 3 runs reached), whose mean is over those runs only' or ''."""
+    used = [b for b in sweep_runs["global_batch_size"].unique() if b not in set(fit.get("excluded_batches", []))]
+    partial = partial_batches(sweep_runs, used)
+    return (f"; this rests on {', '.join(partial)}, whose mean is over the runs that reached only"
+            if partial else "")

@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from bench import analysis as an
+from bench import regimes
 from bench import report_figures as rf
 from bench.fit import BOOTSTRAP_RESAMPLES, CONFIDENCE, MAX_RESOLUTION_FRACTION, NOISE_AGREEMENT, caveats
 from bench.report_text import esc
@@ -133,30 +134,11 @@ def versus_b_crit(batch: float, fit: dict, *, n_reached: int | None = None) -> s
     return "below B_crit's interval" if batch < lo else "within B_crit's interval"
 
 
-def partial_batches(sweep_runs: pd.DataFrame, batches: Any = None) -> list[str]:
-    """'batch 1024 (1 of 3 runs reached)' for each batch (of ``batches``, default all) where some
-    but not all runs reached the target: a fit or a B_crit statement resting on it must say so."""
-    out = []
-    for b, g in sweep_runs.groupby("global_batch_size"):
-        k, n = int(g["steps_to_target"].notna().sum()), len(g)
-        if 0 < k < n and (batches is None or b in set(batches)):
-            out.append(f"batch {b:g} ({k} of {n} runs reached)")
-    return out
-
-
-def fit_rests_on(sweep_runs: pd.DataFrame, fit: dict) -> str:
-    """'; it rests on batch 1024 (1 of 3 runs reached), whose mean is over those runs only' or ''."""
-    used = [b for b in sweep_runs["global_batch_size"].unique() if b not in set(fit.get("excluded_batches", []))]
-    partial = partial_batches(sweep_runs, used)
-    return (f"; this rests on {', '.join(partial)}, whose mean is over the runs that reached only"
-            if partial else "")
-
-
 def critical_html(critical: dict[str, dict], fits: dict[str, dict], runs: pd.DataFrame | None = None) -> str:
     items = []
     for sweep, c in critical.items():
         fit = fits[sweep]
-        rests_on = fit_rests_on(runs[runs["sweep"] == sweep], fit) if runs is not None else ""
+        rests_on = regimes.fit_rests_on(runs[runs["sweep"] == sweep], fit) if runs is not None else ""
         if math.isfinite(c["B_crit"]):
             text = (f"B_crit from the steps-to-target fit = {rf.fmt(c['B_crit'])}, S_min = {rf.fmt(fit['S_min'])} steps "
                     f"({fit['n_batches']} batch sizes, {fit['n_points']} runs); ")
