@@ -44,8 +44,8 @@ def _crossings(ax, runs: pd.DataFrame, col: str, style: rf.Style) -> None:
         stats = an.seed_stats(g, col, by=("global_batch_size",))
         full = stats[stats["n"] == stats["n_total"]]
         ax.plot(full["global_batch_size"], full["mean"], color="0.3", ls=style.sweep_line[sweep], lw=1,
-                marker=style.sweep_marker[sweep], ms=3, label="mean of first crossings (batches where every run "
-                "reached)" + rf.sweep_label(sweep, runs["sweep"].nunique() > 1))
+                marker=style.sweep_marker[sweep], ms=3, label="mean, all runs reached"
+                + rf.sweep_label(sweep, runs["sweep"].nunique() > 1))
         for row in stats[(stats["n"] > 0) & (stats["n"] < stats["n_total"])].itertuples():
             ax.annotate(f"{row.n}/{row.n_total}\nreached", (row.global_batch_size, row.mean), textcoords="offset points",
                         xytext=(0, 8), ha="center", fontsize=7, color="firebrick")
@@ -200,7 +200,8 @@ def partial_sentence(r: pd.DataFrame, batch: float, target_text: str) -> str:
     hit, miss = g[g["steps_to_target"].notna()], g[g["steps_to_target"].isna()]
     which = ", ".join(f"seed {x.seed:g}, epoch {x.epochs_to_target:.3g}" for x in hit.itertuples())
     alone = "that run's alone" if len(hit) == 1 else "those runs' alone"
-    return (f"batch {batch:g} reached {target_text} in {len(hit)} of {len(g)} runs ({which}); the other {len(miss)} "
+    others = "the other run" if len(miss) == 1 else f"the other {len(miss)}"
+    return (f"batch {batch:g} reached {target_text} in {len(hit)} of {len(g)} runs ({which}); {others} "
             f"never did ({'; '.join(_run_outcome(x) for x in miss.itertuples())}): its steps-to-target are {alone} "
             "and are not compared as the batch's")
 
