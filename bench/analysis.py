@@ -4,8 +4,8 @@ Owns: one row per run (``runs_frame``: final/best accuracy, generalisation gap, 
 sustained steps/epochs/samples/time-to-target with their resolutions (bench.crossing), failure
 wording and memory figures (bench.run_facts), hardware warnings (bench.provenance)), per-eval
 learning curves, the applied LR schedule, telemetry as numbers, seed statistics (mean, std, n,
-MLPerf olympic mean), the per-batch summary table, scaling regimes, steps speed-up and
-throughput scaling efficiency. The steps(B) fit lives in bench.fit (re-exported here); what only
+MLPerf olympic mean), the per-batch summary table and throughput scaling efficiency; scaling
+regimes and steps speed-ups with their evidence live in bench.regimes (re-exported here). The steps(B) fit lives in bench.fit (re-exported here); what only
 a language model's runs have (a loss target, token columns, the noise scale through training)
 in bench.analysis_lm.
 
@@ -25,12 +25,13 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from bench import analysis_lm, crossing
+from bench import analysis_lm, crossing, regimes
 from bench import events as ev
 from bench.fit import NOISE_AGREEMENT, critical_batch, fit_steps_curve, fit_sweep  # noqa: F401 (re-exported)
 from bench.provenance import hardware_mismatches
 from bench.run_facts import describe_failure, failure_lr, memory_figures
-from bench.spread import Sample, compare
+from bench.regimes import (MAXIMAL_MAX_SPEEDUP, PERFECT_MIN_SPEEDUP, compare_batches,  # noqa: F401 (re-exported)
+                            scaling_regimes)
 from bench.records import RunRecord
 
 RUN_COLUMNS = [
@@ -45,8 +46,6 @@ LEAD_COLUMNS = [*crossing.columns(), "target_hold_evals", "target_accuracy", "ta
                 "hardware_warnings"]
 GROUP_KEYS = ("sweep", "global_batch_size", "num_workers")
 LAST_FRACTION = 0.2  # test_acc_std_last_k: evaluations in the last 20 % of the epochs run
-PERFECT_MIN_SPEEDUP = 1.8  # steps speed-up per batch doubling at or above this: perfect scaling
-MAXIMAL_MAX_SPEEDUP = 1.1  # at or below this: maximal data parallelism
 _METRIC_COLUMN = {ev.EVAL_ACCURACY: "test_acc", ev.EVAL_LOSS: "test_loss",
                   ev.TRAIN_ACCURACY: "train_acc", ev.TRAIN_LOSS: "train_loss"}
 
@@ -333,81 +332,11 @@ def batch_table(runs_df: pd.DataFrame) -> pd.DataFrame:
 
 # --- scaling ------------------------------------------------------------------------------
 
-def _mean_by_batch(batch: Iterable[float], steps: Iterable[float]) -> pd.Series:
-    df = pd.DataFrame({"b": np.asarray(list(batch), float), "s": np.asarray(list(steps), float)})
-    return df.groupby("b")["s"].mean().sort_index()
-
-
-def scaling_regimes(batch: Iterable[float], steps: Iterable[float], *,
-                    perfect_min: float = PERFECT_MIN_SPEEDUP, maximal_max: float = MAXIMAL_MAX_SPEEDUP
-                    ) -> pd.DataFrame:
-    """Label each batch size with its Shallue et al. (2018) regime from the measured curve.
-
-    Steps are averaged per batch (NaN-only batches get regime None). Between consecutive reached
-    batches the speed-up per doubling is (S_prev / S) ** (1 / log2(B / B_prev)); a batch is labelled
-    by the segment that ends at it (the smallest batch by the segment that starts at it):
-    >= 1.8 'perfect scaling', <= 1.1 'maximal data parallelism', otherwise 'diminishing returns'.
-    """
-    mean = _mean_by_batch(batch, steps)
-    reached = mean.dropna()
-    per_doubling = pd.Series(math.nan, index=mean.index)
-    for (b0, s0), (b1, s1) in zip(reached.items(), list(reached.items())[1:]):
-        per_doubling[b1] = (s0 / s1) ** (1.0 / math.log2(b1 / b0))
-
-    def label(x: float) -> str | None:
-        if math.isnan(x):
-            return None
-        return ("perfect scaling" if x >= perfect_min else
-                "maximal data parallelism" if x <= maximal_max else "diminishing returns")
-
-    regimes = [label(x) for x in per_doubling]
-    if len(reached) >= 2:
-        first = reached.index[0]
-        regimes[list(mean.index).index(first)] = label(per_doubling[reached.index[1]])
-    batches = mean.index.to_numpy()
-    if np.all(np.mod(batches, 1) == 0):
-        batches = batches.astype(int)
-    return pd.DataFrame({"global_batch_size": batches, "steps_to_target": mean.values,
-                         "speedup_per_doubling": per_doubling.values, "regime": regimes})
-
-
-def compare_batches(runs: pd.DataFrame, col: str, batch_a: float, batch_b: float, *, unit: str = ""):
-    """bench.spread.compare of one column between two global batches of one sweep's runs; for a
-    to-target column the evaluation interval (the larger mean resolution of the two) counts too."""
-    res_col = crossing.resolution_of(col)
-    a, b = (runs[runs["global_batch_size"] == x] for x in (batch_a, batch_b))
-    widths = [g[res_col].mean() for g in (a, b) if res_col in g]
-    resolution = max((w for w in widths if math.isfinite(w)), default=math.nan)
-    return compare(Sample.of(a[col]), Sample.of(b[col]), resolution=resolution, unit=unit)
-
-
 def speedup_frame(runs_df: pd.DataFrame) -> pd.DataFrame:
-    """Per sweep and batch (trusted runs): mean steps-to-target (runs that reached it), speed-up vs
-    the smallest batch that reached it, the perfect-scaling speed-up B / B0, their ratio, the
-    regime, and whether each comparison exceeds the seed spread (bench.spread): ``speedup_noise``
-    against the baseline batch, ``regime_noise`` against the previous reached batch."""
-    frames = []
-    for sweep, g in trusted(runs_df).groupby("sweep", sort=True):
-        regimes = scaling_regimes(g["global_batch_size"], g["steps_to_target"])
-        counts = g.groupby("global_batch_size").agg(n_runs=("run_id", "size"),
-                                                    n_reached=("steps_to_target", "count"))
-        regimes = regimes.merge(counts, left_on="global_batch_size", right_index=True)
-        reached = regimes.dropna(subset=["steps_to_target"])
-        b0, s0 = (reached.iloc[0][["global_batch_size", "steps_to_target"]] if len(reached)
-                  else (math.nan, math.nan))
-        regimes.insert(0, "sweep", sweep)
-        regimes["baseline_batch"] = b0
-        regimes["speedup"] = s0 / regimes["steps_to_target"]
-        regimes["perfect_speedup"] = regimes["global_batch_size"] / b0
-        regimes["scaling_fraction"] = regimes["speedup"] / regimes["perfect_speedup"]
-        order = list(reached["global_batch_size"])
-        regimes["speedup_noise"] = [compare_batches(g, "steps_to_target", b0, b).short if b in order and b != b0 else None
-                                    for b in regimes["global_batch_size"]]
-        segment = {b: order[max(i, 1) - 1: max(i, 1) + 1] for i, b in enumerate(order)}  # as scaling_regimes
-        regimes["regime_noise"] = [compare_batches(g, "steps_to_target", *segment[b]).short
-                                   if b in segment and len(order) > 1 else None for b in regimes["global_batch_size"]]
-        frames.append(regimes)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    """bench.regimes.speedup_frame over the trusted runs: per sweep and batch the steps speed-up,
+    the regime a report may state and the evidence for each (seed spread, evaluation interval,
+    runs that never reached)."""
+    return regimes.speedup_frame(trusted(runs_df))
 
 
 def scaling_efficiency(runs_df: pd.DataFrame) -> pd.DataFrame:

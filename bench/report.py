@@ -155,7 +155,8 @@ def _capacity_figure(runs: pd.DataFrame, records) -> rf.FigureResult:
     context = planner.plan_context(records)
     title = f"Capacity plan: time to target against {context['device']}s"
     if runs["sweep"].nunique() != 1:
-        return rf.FigureResult("capacity", title, None, "capacity planning is per sweep; run `batchscale plan` on one")
+        return rf.FigureResult("capacity", title, None, f"this report shows {runs['sweep'].nunique()} sweeps and capacity "
+                               "planning is per sweep: run `batchscale plan RESULTS_FOLDER` on one sweep's folder.")
     metric = runs["target_metric"].dropna().iloc[0] if "target_metric" in runs else "accuracy"
     target = float(runs[f"target_{metric}"].dropna().iloc[0])
     comm_model, comm_notes = planner_seam(records)
@@ -199,6 +200,8 @@ table.sortable thead th:hover{background:#e5e7eb}.note{color:#8a4b08;background:
 border-left:3px solid #f0a020}figure{margin:0}figure img{max-width:100%;height:auto}
 figcaption{color:#444;margin-top:4px}.meta{color:#555}.scroll{overflow-x:auto}
 table.sortable td{white-space:nowrap}table.runs td:last-child{white-space:normal}
+table.sortable td.t{white-space:normal;min-width:9em}
+table.kv{table-layout:fixed;width:100%}table.kv td,table.kv th{overflow-wrap:anywhere}
 .cols{display:flex;flex-wrap:wrap;gap:0 40px}.cols>div{flex:1 1 420px;min-width:0}"""
 
 SORT_JS = """document.querySelectorAll('table.sortable thead th').forEach(function(th){
@@ -233,13 +236,14 @@ def _body(records: list[RunRecord], all_runs: pd.DataFrame) -> list[str]:
               f'here and in every caption: {esc(RULE)}.</p>', '<div class="scroll">',
               (rlm.batch_table_html if rlm.is_token_sweep(runs) else rt.batch_table_html)(an.batch_table(runs), speed, fits)
               if len(runs) else "", "</div>",
-              "<h2>Critical batch size</h2>", rt.critical_html(critical, fits),
+              "<h2>Critical batch size</h2>", rt.critical_html(critical, fits, runs),
               *(['<p class="meta">Language model: every batch, B_crit and B_simple here is in tokens; S_min x B_crit '
                  "is the fewest tokens the fit allows (E_min).</p>"] if rlm.is_token_sweep(runs) else []),
               *rl.section(all_runs, _figure_html),
-              "<h2>Runs that ended below a target they had reached</h2>", '<div class="scroll">',
+              f"<h2>{esc(rt.ended_heading(runs))}</h2>", '<div class="scroll">',
               rt.ended_below_html(runs), "</div>",
-              "<h2>Failed, diverged, out-of-memory, incomplete and damaged runs</h2>",
+              "<h2>Failed, diverged, out-of-memory, incomplete and damaged runs, and runs that never reached the "
+              "target</h2>",
               '<div class="scroll">', rt.runs_table_html(all_runs, failed_only=True), "</div>", "<h2>Figures</h2>"]
     shown = set(zip(runs["sweep"], runs["run_id"]))  # LR-search trials off the rule's LR: their own section
     rule = [r for r in good if (r.sweep, r.run_id) in shown]

@@ -20,6 +20,7 @@ import pandas as pd
 
 from bench import analysis as an
 from bench import crossing
+from bench import regimes
 from bench import report_figures as rf
 from bench.fit import BOOTSTRAP_RESAMPLES, CONFIDENCE, MAX_RESOLUTION_FRACTION, caveats
 from bench.spread import Sample, compare
@@ -39,11 +40,15 @@ def _crossings(ax, runs: pd.DataFrame, col: str, style: rf.Style) -> None:
             held = g.dropna(subset=[held_col])
             ax.scatter(held["global_batch_size"] * SUSTAINED_SHIFT, held[held_col], s=22, facecolors="none",
                        edgecolors=[colour], linewidths=1, zorder=3)
-    for sweep, g in runs.dropna(subset=[col]).groupby("sweep"):
+    for sweep, g in runs.groupby("sweep"):
         stats = an.seed_stats(g, col, by=("global_batch_size",))
-        ax.plot(stats["global_batch_size"], stats["mean"], color="0.3", ls=style.sweep_line[sweep], lw=1,
-                marker=style.sweep_marker[sweep], ms=3, label="mean of first crossings"
+        full = stats[stats["n"] == stats["n_total"]]
+        ax.plot(full["global_batch_size"], full["mean"], color="0.3", ls=style.sweep_line[sweep], lw=1,
+                marker=style.sweep_marker[sweep], ms=3, label="mean, all runs reached"
                 + rf.sweep_label(sweep, runs["sweep"].nunique() > 1))
+        for row in stats[(stats["n"] > 0) & (stats["n"] < stats["n_total"])].itertuples():
+            ax.annotate(f"{row.n}/{row.n_total}\nreached", (row.global_batch_size, row.mean), textcoords="offset points",
+                        xytext=(0, 8), ha="center", fontsize=7, color="firebrick")
     ax.scatter([], [], s=22, facecolors="none", edgecolors="0.3", label="sustained crossing")
 
 
@@ -73,10 +78,32 @@ def _plot_fit(ax, runs: pd.DataFrame, speed: pd.DataFrame, fits: dict, style: rf
         if len(left_out):
             ax.scatter(left_out["global_batch_size"], left_out["steps_to_target"], marker="x", s=40, color="0.45",
                        zorder=4, label=f"left out of the fit (resolution > {MAX_RESOLUTION_FRACTION:.0%})")
-        shift = 6 - 12 * sorted(speed["sweep"].unique()).index(sweep)  # keep two sweeps' labels apart
-        for row in ok[ok["regime"].ne(ok["regime"].shift())].itertuples():  # where each regime begins
-            ax.annotate(rf.REGIME_SHORT.get(row.regime, "") + " →", (row.global_batch_size, row.steps_to_target),
-                        textcoords="offset points", xytext=(4, shift), fontsize=7, color="0.35")
+        _regime_labels(ax, ok, sorted(speed["sweep"].unique()).index(sweep))
+
+
+def regime_spans(ok: pd.DataFrame) -> list[tuple[float, float, float, float, str]]:
+    """(b_start, b_end, steps_start, steps_end, regime) per run of consecutive segments with one
+    stated regime (bench.regimes), from one sweep's reached speedup_frame rows in batch order.
+    The smallest batch starts the first segment and carries no regime of its own."""
+    spans: list[list] = []
+    rows = ok.sort_values("global_batch_size")
+    for prev, row in zip(rows.itertuples(), list(rows.itertuples())[1:]):
+        if spans and spans[-1][4] == row.regime:
+            spans[-1][1], spans[-1][3] = row.global_batch_size, row.steps_to_target
+        else:
+            spans.append([prev.global_batch_size, row.global_batch_size, prev.steps_to_target, row.steps_to_target,
+                          row.regime])
+    return [tuple(x) for x in spans]
+
+
+def _regime_labels(ax, ok: pd.DataFrame, sweep_index: int) -> None:
+    """Each run of one regime labelled at its middle (geometric, as the axes are log), above and
+    below the curve in turn so that neighbours never overlap; centred, so none runs off the axes."""
+    for i, (b0, b1, s0, s1, regime) in enumerate(regime_spans(ok)):
+        above = (i + sweep_index) % 2 == 0
+        ax.annotate(rf.REGIME_SHORT.get(regime, regime or ""), (math.sqrt(b0 * b1), math.sqrt(s0 * s1)),
+                    textcoords="offset points", xytext=(0, 7 if above else -9), ha="center",
+                    va="bottom" if above else "top", fontsize=7, color="0.35")
 
 
 def _interval(fit: dict, *, short: bool = False) -> str:
@@ -156,56 +183,115 @@ def _failed_batches(g: pd.DataFrame, batches: list[int]) -> list[str]:
     return out
 
 
+def _run_outcome(run) -> str:
+    """'seed 1 ended at 0.681 (best 0.708)' / 'seed 0 diverged' for a run that never reached."""
+    if run.status == "diverged":
+        return f"seed {run.seed:g} diverged"
+    if run.status != "success":
+        return f"seed {run.seed:g} is {run.status}"
+    return f"seed {run.seed:g} ended at {run.final_test_acc:.3f} (best {run.best_test_acc:.3f})"
+
+
+def partial_sentence(r: pd.DataFrame, batch: float, target_text: str) -> str:
+    """'batch 1024 reached 0.90 test accuracy in 1 of 3 runs (seed 0, epoch 18); the other 2 never
+    did (seed 1 ended at 0.681 (best 0.708); seed 2 ...): its steps are that run's alone and stand
+    for no batch mean' for a batch where some but not all runs reached."""
+    g = r[r["global_batch_size"] == batch].sort_values("seed")
+    hit, miss = g[g["steps_to_target"].notna()], g[g["steps_to_target"].isna()]
+    which = ", ".join(f"seed {x.seed:g}, epoch {x.epochs_to_target:.3g}" for x in hit.itertuples())
+    alone = "that run's alone" if len(hit) == 1 else "those runs' alone"
+    others = "the other run" if len(miss) == 1 else f"the other {len(miss)}"
+    return (f"batch {batch:g} reached {target_text} in {len(hit)} of {len(g)} runs ({which}); {others} "
+            f"never did ({'; '.join(_run_outcome(x) for x in miss.itertuples())}): its steps-to-target are {alone} "
+            "and are not compared as the batch's")
+
+
+def _speedup_sentence(r: pd.DataFrame, base, top, target_text: str) -> str:
+    """The largest batch where every run reached, against the smallest reached batch, with both
+    crossings' evaluation intervals and the seed-spread verdict."""
+    at_top = r[r["global_batch_size"] == top.global_batch_size]
+    fewer = f"{top.speedup:.1f}x fewer" if top.speedup >= 1 else f"{1 / top.speedup:.1f}x more"
+    res = [r.loc[r["global_batch_size"] == b, "steps_to_target_resolution"].mean() if "steps_to_target_resolution" in r
+           else math.nan for b in (base.global_batch_size, top.global_batch_size)]
+    resolved = (f" (crossings resolved to {res[0]:.3g} of {base.steps_to_target:.4g} steps at batch "
+                f"{base.global_batch_size:g} and {res[1]:.3g} of {top.steps_to_target:.4g} at batch "
+                f"{top.global_batch_size:g})" if all(math.isfinite(x) for x in res) else "")
+    every = "its one run" if len(at_top) == 1 else f"all {len(at_top)} runs"
+    return (f"Batch {top.global_batch_size:.0f} reached {target_text} in {at_top['epochs_to_target'].mean():.3g} epochs "
+            f"in {every}, {fewer} steps than batch {base.global_batch_size:.0f} (perfect scaling: "
+            f"{top.perfect_speedup:.0f}x fewer){resolved}: "
+            + an.compare_batches(r, "steps_to_target", base.global_batch_size, top.global_batch_size, unit="steps").phrase)
+
+
+def regime_sentence(g: pd.DataFrame) -> str:
+    """How far perfect scaling holds from the smallest batch (every segment up to it stated as
+    perfect: bench.regimes.perfect_span), then each segment's regime with its evidence."""
+    span, phrases = regimes.perfect_span(g)
+    if not phrases:
+        return ""
+    if span is None:
+        head = "no segment from the smallest batch is resolved as perfect scaling"
+    else:
+        upto = g[(g["global_batch_size"] <= span) & g["previous_batch"].notna()]
+        unknown = upto["regime_noise"].astype(str).str.contains("spread unknown").any()
+        head = (f"perfect scaling from batch {g['baseline_batch'].iloc[0]:g} up to batch {span:g} (every segment "
+                f"≥ {regimes.PERFECT_MIN_SPEEDUP}x per doubling"
+                + ("; one run on a side of some segment, so the spread is unknown and this is not established)"
+                   if unknown else ", beyond the seed spread and the evaluation interval)"))
+    return f"{head}; per segment (regime: steps speed-up per doubling; evidence): " + "; ".join(phrases)
+
+
 def _steps_caption(runs: pd.DataFrame, speed: pd.DataFrame, fits: dict) -> str:
     sentences = []
     multi = runs["sweep"].nunique() > 1
     for sweep, g in speed.groupby("sweep"):
         r = runs[runs["sweep"] == sweep]
+        label = rf.caption_label(sweep, multi)
         ok = g.dropna(subset=["steps_to_target"])
         missing = g.loc[g["steps_to_target"].isna(), "global_batch_size"].astype(int).tolist()
         if ok.empty:
-            sentences.append(f"No batch reached the target{rf.caption_label(sweep, multi)}"
+            sentences.append(f"No batch reached the target{label}"
                              + "".join(f"; {t}" for t in _failed_batches(r, missing)) + ".")
             continue
-        top = ok.iloc[-1]
-        at_top = r[r["global_batch_size"] == top.global_batch_size]
-        target = r["target_accuracy"].iloc[0]
-        text = (f"Batch {top.global_batch_size:.0f} reached {target:.2f} test accuracy in "
-                f"{at_top['epochs_to_target'].mean():.3g} epochs")
-        if top.global_batch_size == top.baseline_batch:
-            text = f"Only b{text[1:]}{rf.caption_label(sweep, multi)}"
+        target_text = f"{r['target_accuracy'].iloc[0]:.2f} test accuracy"
+        full = ok[ok["n_reached"] == ok["n_runs"]]
+        base = ok.iloc[0]
+        parts = []
+        if len(full) and full.iloc[-1].global_batch_size != base.global_batch_size:
+            parts.append(_speedup_sentence(r, base, full.iloc[-1], target_text) + label)
+        elif len(full):
+            parts.append(f"Only batch {base.global_batch_size:g} reached {target_text} in every run "
+                         f"({r.loc[r['global_batch_size'] == base.global_batch_size, 'epochs_to_target'].mean():.3g} "
+                         f"epochs){label}")
         else:
-            fewer = (f"{top.speedup:.1f}x fewer" if top.speedup >= 1 else f"{1 / top.speedup:.1f}x more")
-            text += (f", {fewer} steps than batch {top.baseline_batch:.0f} (perfect scaling: "
-                     f"{top.perfect_speedup:.0f}x fewer){rf.caption_label(sweep, multi)}: "
-                     + an.compare_batches(r, "steps_to_target", top.baseline_batch, top.global_batch_size,
-                                          unit="steps").phrase)
-        perfect = ok.loc[ok["regime"] == "perfect scaling", "global_batch_size"]
-        if len(perfect):
-            text += f"; perfect scaling up to batch {perfect.max():.0f} (that segment: {_segment_noise(ok, perfect.max())})"
-        fit = fits.get(sweep, {})
-        if math.isfinite(fit.get("B_crit", math.nan)):
-            text += (f"; fitted S_min = {rf.fmt(fit['S_min'])} steps, B_crit = {rf.fmt(fit['B_crit'])} "
-                     f"({_interval(fit)})" + "".join(f"; {c}" for c in caveats(fit)))
-        else:
-            text += f"; no B_crit: {fit.get('reason') or 'no fit'}"
-        if fit.get("excluded"):
-            text += (f"; left out of the fit, resolved more coarsely than {MAX_RESOLUTION_FRACTION:.0%} of their mean "
-                     "steps-to-target: " + "; ".join(fit["excluded"]))
-        noise = r["noise_scale_b_simple"].median()
-        if math.isfinite(noise):
-            text += f"; in-run gradient noise scale B_simple ≈ {rf.fmt(noise)}"
-        sentences.append(text + "".join(f"; {t}" for t in _failed_batches(r, missing)) + ".")
+            parts.append(f"No batch reached {target_text} in every run{label}")
+        parts += [partial_sentence(r, b, target_text) for b in ok.loc[ok["n_reached"] < ok["n_runs"], "global_batch_size"]]
+        parts.append(regime_sentence(ok))
+        parts.append(_fit_text(r, fits.get(sweep, {})))
+        parts += _failed_batches(r, missing)
+        sentences.append("; ".join(p for p in parts if p) + ".")
     hold = int(runs["target_hold_evals"].dropna().iloc[0]) if "target_hold_evals" in runs and \
         runs["target_hold_evals"].notna().any() else crossing.DEFAULT_HOLD_EVALS
     return (" ".join(sentences) + " Filled points: first crossing, with an error bar down to the evaluation before it "
-            f"(the crossing lies in between); hollow points: sustained crossing (held for {hold} evaluations in a row). "
-            "The fit uses one point per batch (the mean over its runs) and least squares on log(steps).")
+            f"(the crossing lies in between); hollow points: sustained crossing (held for {hold} evaluations in a row); "
+            "'k/n reached': only k of the batch's n runs reached the target. The fit uses one point per batch (the mean "
+            "over the runs that reached) and least squares on log(steps).")
 
 
-def _segment_noise(ok: pd.DataFrame, batch: float) -> str:
-    i = list(ok["global_batch_size"]).index(batch)
-    return str(ok["regime_noise"].iloc[i]) if "regime_noise" in ok else "spread unknown"
+def _fit_text(r: pd.DataFrame, fit: dict) -> str:
+    if math.isfinite(fit.get("B_crit", math.nan)):
+        text = (f"fitted S_min = {rf.fmt(fit['S_min'])} steps, B_crit = {rf.fmt(fit['B_crit'])} "
+                f"({_interval(fit)})" + "".join(f"; {c}" for c in caveats(fit)))
+    else:
+        text = f"no B_crit: {fit.get('reason') or 'no fit'}"
+    text += regimes.fit_rests_on(r, fit)
+    if fit.get("excluded"):
+        text += (f"; left out of the fit, resolved more coarsely than {MAX_RESOLUTION_FRACTION:.0%} of their mean "
+                 "steps-to-target: " + "; ".join(fit["excluded"]))
+    noise = r["noise_scale_b_simple"].median()
+    if math.isfinite(noise):
+        text += f"; in-run gradient noise scale B_simple ≈ {rf.fmt(noise)}"
+    return text
 
 
 def fig_time_to_target(runs: pd.DataFrame, style: rf.Style) -> rf.FigureResult:

@@ -81,10 +81,13 @@ def run_setup(records: list[RunRecord]) -> dict[str, str]:
         "reference LR at reference batch":
             f"{one('lr.reference_lr', 'reference_lr')} at {one('lr.reference_batch_size', 'reference_batch_size')}",
         "warmup": _distinct(_warmup(r) for r in records), "schedule": one("lr.schedule", "schedule"),
-        "epochs": one("epochs", "epochs"), "target accuracy": one("target_accuracy"), "seeds": planned("seed"),
+        "epochs": one("epochs", "epochs"), "target accuracy": one("target_accuracy"), "seeds": seeds_text(records),
         "global batch sizes": planned("global_batch_size"), "num_workers": planned("num_workers"),
         "train metrics on": _distinct(train_eval(r) for r in records), "runs": str(len(records)),
     }
+    short = runs_short_of_plan(records)
+    if short:
+        setup["runs per batch (completed of planned)"] = short
     if any(r.plan.get("batch_unit") == "tokens" for r in records):  # a language model: tokens and a loss
         setup.update({"target loss (nats per token)": one("target_loss"), "context length": planned("context_length"),
                       "global batch sizes": planned("global_batch_size") + " tokens"})
@@ -93,6 +96,42 @@ def run_setup(records: list[RunRecord]) -> dict[str, str]:
         if setup["target accuracy"] == "unknown":
             del setup["target accuracy"]
     return setup
+
+
+def seeds_text(records: list[RunRecord]) -> str:
+    """'seed 0 (1 seed)' / 'seeds 0, 1, 2 (3)', and the config's list when some of it was not run."""
+    ran = sorted({r.plan.get("seed") for r in records if isinstance(r.plan.get("seed"), int)})
+    listed = sorted({s for r in records for s in (_get(r.config, "seeds") or []) if isinstance(s, int)})
+    if not ran:
+        return "unknown"
+    text = f"seed {ran[0]} (1 seed)" if len(ran) == 1 else f"seeds {', '.join(map(str, ran))} ({len(ran)})"
+    if set(listed) - set(ran):
+        text += f"; the config lists {len(listed)}: {', '.join(map(str, listed))}"
+    return text
+
+
+def runs_short_of_plan(records: list[RunRecord]) -> str | None:
+    """'128–512: 2 of 3 each; 1024–8192: 1 of 3 each' (completed runs of those the config's seeds x
+    num_workers plan per batch), or None when every batch completed its plan (or the sweep is an
+    LR search, which plans its own trials)."""
+    if any(r.plan.get("stage") for r in records):
+        return None
+    counts: dict[int, tuple[int, int]] = {}
+    for r in records:
+        b = r.plan.get("global_batch_size")
+        planned = len(_get(r.config, "seeds") or []) * len(_get(r.config, "num_workers") or [1])
+        done, _ = counts.get(b, (0, 0))
+        counts[b] = (done + (r.summary is not None), max(planned, counts.get(b, (0, 0))[1]))
+    if not counts or all(done >= planned for done, planned in counts.values()):
+        return None
+    groups: list[list] = []  # [first batch, last batch, done, planned]
+    for b in sorted(counts):
+        if groups and tuple(groups[-1][2:]) == counts[b]:
+            groups[-1][1] = b
+        else:
+            groups.append([b, b, *counts[b]])
+    return "; ".join(f"{lo}{f'–{hi}' if hi != lo else ''}: {d} of {p}{' each' if hi != lo else ''}"
+                     for lo, hi, d, p in groups)
 
 
 def train_eval(record: RunRecord) -> str:
@@ -131,6 +170,10 @@ def _claimed(record: RunRecord) -> str:
 
 def environment(records: list[RunRecord]) -> dict[str, str]:
     env = {label: _distinct(_env_lookup(r, names, label) for r in records) for label, names in ENV_FIELDS.items()}
+    shas = (_env_lookup(r, ENV_FIELDS["git sha"], "git sha") for r in records)
+    env["git sha"] = _distinct(str(sha)[:12] for sha in shas if sha is not None)  # full: All environment keys
+    if env["git sha"] != "unknown":
+        env["git sha"] += " (first 12 characters; in full under All environment keys)"
     env["workers saw"] = _distinct(describe_seen(*hardware_seen(r)) for r in records)
     env["cluster file claims"] = _distinct(_claimed(r) for r in records)
     starts = [e["time_ms"] for r in records for e in r.events[:1] if isinstance(e.get("time_ms"), (int, float))]
