@@ -245,7 +245,7 @@ def fig_lr(lr: pd.DataFrame, records: list, style: rf.Style) -> rf.FigureResult:
     (b0, p0), (b1, p1) = min(peaks.items()), max(peaks.items())
     first = next(iter(plans.values()))[1]
     caption = (f"Peak LR goes from {rf.fmt(p0)} at batch {b0} tokens to {rf.fmt(p1)} at batch {b1} "
-               f"({p1 / p0:.3g}x for a {b1 / b0:.3g}x larger batch: the {first.scaling} rule), a {first.schedule} "
+               f"({p1 / p0:.3g}x the LR at {b1 / b0:.3g}x the batch: the {first.scaling} rule), a {first.schedule} "
                f"decay to {first.min_lr_ratio:g} x the peak after a warmup from "
                f"{'zero' if first.warmup_from == 'zero' else 'the reference LR'}.")
     return rf.FigureResult("lr", title, fig, caption)
