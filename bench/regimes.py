@@ -10,7 +10,7 @@ read these columns; none of them recomputes a verdict.
 A segment's regime is stated only when (bench.spread's rule, ``RULE``) the step counts at its two
 ends differ beyond the seed spread and the evaluation interval, and its speed-up per doubling is
 also that far from the regime's boundaries (1.8x and 1.1x); otherwise it is "not resolved". With
-one run on a side the spread is unknown: the measured label stands and the evidence says so. A
+one run on a side the spread is unknown: the segment is not resolved and the evidence gives the measured label. A
 batch where only some runs reached the target has a mean over the survivors only, so no segment
 touching it is labelled. The smallest batch has no segment ending at it: no regime, no "vs
 previous batch".
@@ -103,6 +103,8 @@ def segment_verdict(prev: pd.DataFrame, this: pd.DataFrame, batch_prev: float, b
     if gap.kind in ("within", "unresolved"):
         return NOT_RESOLVED, f"{per_doubling:.2f}x per doubling; gap {gap.short}"
     regime = regime_of(per_doubling)
+    if gap.kind == "unknown":  # one run on a side: the measured label is not a finding
+        return NOT_RESOLVED, f"{per_doubling:.2f}x per doubling (measured: {regime}); {gap.short}"
     bounds = {PERFECT: [PERFECT_MIN_SPEEDUP], MAXIMAL: [MAXIMAL_MAX_SPEEDUP],
               DIMINISHING: [PERFECT_MIN_SPEEDUP, MAXIMAL_MAX_SPEEDUP]}.get(regime, [])
     for c in bounds:  # the previous batch's steps as the boundary would predict them here

@@ -273,9 +273,12 @@ def noise_scale_text(c: dict) -> str:
     ratio, k = b_simple / b_crit, NOISE_AGREEMENT
     factors = [per[b].mean / b_crit for b in per]
     if c.get("agree") and per and all(1 / k <= f <= k for f in factors):
-        return text + (f"; ratio B_simple / B_crit = {ratio:.2f}, and every batch's B_simple lies within {k:g}x of "
-                       f"B_crit ({min(factors):.3g}x to {max(factors):.3g}x): they agree within {k:g}x, as in "
-                       "McCandlish et al. (2018)" + ("; from single runs, so the spread is unknown" if single else ""))
+        head = (f"; ratio B_simple / B_crit = {ratio:.2f}, and every batch's B_simple lies within {k:g}x of "
+                f"B_crit ({min(factors):.3g}x to {max(factors):.3g}x)")
+        if single:  # the same standard as everywhere: no finding from single runs
+            return text + head + ("; from single runs (spread unknown) and a B_crit without an interval, so "
+                                  "agreement is not established")
+        return text + head + f": they agree within {k:g}x, as in McCandlish et al. (2018)"
     if c.get("agree"):
         where = (f"; per batch it ranges from {fmt(min(p.mean for p in per.values()))} to "
                  f"{fmt(max(p.mean for p in per.values()))} ({min(factors):.3g}x to {max(factors):.3g}x B_crit), "

@@ -240,7 +240,8 @@ def fig_generalisation(runs: pd.DataFrame, style: Style) -> FigureResult:
                  if (t := rc_.within_sweep(g, sweep if multi else "", completed=len(early) > 0))]
     sentences += rc_.across_sweeps(done)
     note = rc_.stopped_text(rc_.stopped_groups(done), multi, then="their final accuracy is where they stopped, so "
-                            "they are drawn as red crosses and left out of the means and comparisons")
+                            "they are drawn as red crosses and left out of the within-sweep means and comparisons (the comparison "
+                            "between sweeps, where there is one, gives both: all runs and completed runs only)")
     sentences += [note] if note else []
     return FigureResult("gap", title, fig, " ".join(sentences) or "Only one global batch finished: nothing to compare.")
 

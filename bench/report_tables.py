@@ -54,7 +54,7 @@ BATCH_HEADERS = ["sweep", "global batch", "workers", "per-worker batch", "peak L
                  "reached / held / ended below", "final test acc", "gap (train − test)", "epochs to target",
                  "epochs, sustained", "eval interval (epochs)", "olympic epochs", "steps to target", "steps, sustained",
                  "steps speed-up (regime)", "vs smallest batch", "vs previous batch", "time to target (s)", "samples/s",
-                 "training peak allocated (GiB)", "peak memory (GiB)", "test acc std, last 20 %", "B_simple (in-run)",
+                 "training peak allocated (GiB, max over runs)", "peak memory (GiB, max over runs)", "test acc std, last 20 %", "B_simple (in-run)",
                  "vs fitted B_crit"]
 
 

@@ -122,7 +122,7 @@ def test_one_resolver_for_max_micro_batch_size(tmp_path, capsys):
     assert resolve_micro_batch(_auto_sweep(max_micro_batch_size=None), results_dir=tmp_path) is None
     assert resolve_micro_batch(_auto_sweep(max_micro_batch_size=32), results_dir=tmp_path) == 32
     sweep = _auto_sweep()
-    with pytest.raises(PlanError, match=r"auto needs a memory probe; run `batchscale probe-memory auto"):
+    with pytest.raises(PlanError, match=r"auto needs a memory probe; run `batchscale probe-memory SWEEP_FILE .*\(SWEEP_FILE: this YAML file\)"):
         resolve_micro_batch(sweep, results_dir=tmp_path)
     path = tmp_path / "auto.yaml"
     path.write_text("name: auto\nworkload: blobs\nlr: {reference_lr: 0.1, reference_batch_size: 32}\nepochs: 1\n"

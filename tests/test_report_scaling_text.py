@@ -75,10 +75,11 @@ def test_segment_within_spread_or_interval_is_not_resolved():
     # a gap no larger than the evaluation interval: not resolved whatever the seeds say
     coarse = an.speedup_frame(_runs({16: [100, 100], 32: [80, 80]}, resolution=25.0))
     assert coarse["regime"].iloc[1] == "not resolved" and "gap within eval interval" in coarse["regime_noise"].iloc[1]
-    # one seed: the measured label stands, the evidence says the spread is unknown
+    # one seed: not resolved; the evidence gives the measured label and says the spread is unknown
     one = an.speedup_frame(_runs({128: [1570], 1024: [240]}))
-    assert one["regime"].iloc[1] == "perfect scaling" and "spread unknown" in one["regime_noise"].iloc[1]
-    assert "spread is unknown and this is not established" in rs.regime_sentence(one)
+    assert one["regime"].iloc[1] == "not resolved"
+    assert "(measured: perfect scaling); spread unknown" in one["regime_noise"].iloc[1]
+    assert "no segment from the smallest batch is resolved as perfect scaling" in rs.regime_sentence(one)
 
 
 def test_partially_reached_batch_is_not_the_batchs_result():

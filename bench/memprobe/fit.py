@@ -280,9 +280,11 @@ def micro_batch_for_auto(sweep, results_dir: str | Path = "results", *,
     path = default_output(sweep, results_dir)
     if not path.is_file():
         key = "max_micro_batch_tokens" if sweep.batch_unit == "tokens" else "max_micro_batch_size"
+        packaged = (Path(__file__).resolve().parent.parent / "sweeps" / f"{sweep.name}.yaml").is_file()
+        target = sweep.name if packaged else "SWEEP_FILE"
         raise ProbeMismatch(f"{key}: auto needs a memory probe; run `batchscale probe-memory "
-                            f"{sweep.name} --results-dir {results_dir}` on the machine the sweep will run on "
-                            f"first (no {path})")
+                            f"{target} --results-dir {results_dir}` on the machine the sweep will run on "
+                            f"first{'' if packaged else ' (SWEEP_FILE: this YAML file)'} (no {path})")
     try:
         result = load_probe(path, sweep)
     except ProbeMismatch:
