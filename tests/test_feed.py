@@ -107,6 +107,7 @@ def _jpeg_folder(root: Path, per_class: dict[str, int]) -> Path:
     return root
 
 
+@pytest.mark.slow  # ~5 s each: DataLoader processes and JPEG decoding
 @pytest.mark.parametrize("decode_on", ["loader", "device"])
 def test_imagenet_folder_trains_in_process_and_leaves_no_loader_processes(tmp_path: Path, decode_on: str):
     root = _jpeg_folder(tmp_path / "imagenet", {"train": 4, "val": 2})

@@ -94,6 +94,7 @@ def test_unknown_model_and_wrong_input_form():
     assert {"mlp", "small_cnn", "resnet18_cifar", "resnet18", "resnet50"} <= set(MODELS)
 
 
+@pytest.mark.slow  # ~4.4 s: a fresh interpreter importing torch
 def test_only_the_resnets_import_torchvision():
     """torchvision costs ~2 s to import: validating a sweep, starting the CLI and building the
     small models must not pay it; a ResNet does."""
