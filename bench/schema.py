@@ -11,6 +11,7 @@ Must not import: anything from bench; torch, ray, pandas.
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -80,7 +81,17 @@ def _got(e: dict) -> str:
 
 
 def first_error(err: ValidationError) -> str:
-    e = err.errors()[0]
+    """One line for the first problem; a misspelt key first (it explains the required key it left
+    missing), with the required key it most resembles."""
+    errors = err.errors()
+    unknown = [x for x in errors if x["type"] == "extra_forbidden"]
+    e = unknown[0] if unknown else errors[0]
+    if unknown:
+        missing = [str(x["loc"][-1]) for x in errors
+                   if x["type"] == "missing" and tuple(x["loc"][:-1]) == tuple(e["loc"][:-1])]
+        near = difflib.get_close_matches(str(e["loc"][-1]), missing, n=1)
+        if near:
+            e = {**e, "msg": f"unknown key; did you mean {near[0]!r}?"}
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] in _TYPE_ERRORS:
         msg += f" (got {_got(e)})"

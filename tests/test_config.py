@@ -18,6 +18,8 @@ from conftest import REPO, TINY_SWEEP, write_yaml
 
 CASES = {
     "unknown key": (TINY_SWEEP + "learning_rate: 0.1\n", r"learning_rate: Extra inputs are not permitted"),
+    "misspelt required key": (TINY_SWEEP.replace("{reference_lr:", "{refernce_lr:"),
+                              r"lr.refernce_lr: unknown key; did you mean 'reference_lr'\?"),
     "wrong type": (TINY_SWEEP.replace("epochs: 3", "epochs: three"), r"epochs: Input should be a valid integer"),
     "batch < 1": (TINY_SWEEP.replace("[32, 64]", "[0, 64]"), r"global_batch_sizes: every value must be >= 1"),
     "not divisible by workers": (TINY_SWEEP.replace("num_workers: [1]", "num_workers: [3]"),
