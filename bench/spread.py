@@ -21,7 +21,9 @@ from typing import Iterable
 
 RULE = ("a difference counts as beyond the seed spread when the gap between the means exceeds twice its "
         "standard error, 2·sqrt(s_a²/n_a + s_b²/n_b) (s: std over runs, ddof 1); with one run on either side "
-        "the spread is unknown; a gap no larger than the evaluation interval is not resolved")
+        "the spread is unknown; a gap no larger than the evaluation interval is not resolved. The rule is a "
+        "screen, not a significance test: with 3 runs a side, a gap just at the threshold has a Welch t-test "
+        "p of about 0.12 to 0.18")
 
 
 @dataclass(frozen=True)
